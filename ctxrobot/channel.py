@@ -1,0 +1,325 @@
+"""The host end of a task's Unix socket: a bounded sample queue and its dispatch gates.
+
+Samples reach a task one at a time (one in flight): a task that falls behind
+then shows up as queueing latency and, when its queue overflows, as dropped samples,
+instead of as an unbounded socket buffer nobody can see.
+
+Whether the next sample may go out is decided by small gate objects with three verbs,
+in the manner of rclpy's executors: `can_execute(now)`, `beginning_execution(sample, now)`
+and `ending_execution(result, now)`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal, Protocol
+
+from ctxrobot.bus import EventBus
+from ctxrobot.events import SampleDropped, TaskResult, TaskStateChanged
+from ctxtask import protocol
+from ctxtask.protocol import Sample
+
+log = logging.getLogger(__name__)
+
+Overflow = Literal["drop_oldest", "block"]
+
+
+class DispatchGate(Protocol):
+    """Decides whether the next sample may be sent to the task now."""
+
+    def can_execute(self, now: float) -> bool: ...
+    def beginning_execution(self, sample: Sample, now: float) -> None: ...
+    def ending_execution(self, result: TaskResult, now: float) -> None: ...
+
+
+class InFlightGate:
+    """At most `limit` samples in the task at once (1: the task sees the freshest data)."""
+
+    def __init__(self, limit: int = 1) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    def can_execute(self, now: float) -> bool:
+        return self.in_flight < self.limit
+
+    def beginning_execution(self, sample: Sample, now: float) -> None:
+        self.in_flight += 1
+
+    def ending_execution(self, result: TaskResult, now: float) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+
+
+class RateGate:
+    """At most `rate_hz` samples per second; None means no limit.
+
+    The context sets the rate (e.g. sign detection at 1 Hz while the robot stands
+    still); samples arriving between slots are skipped as useless work.
+    """
+
+    def __init__(self, rate_hz: float | None = None) -> None:
+        self.rate_hz = rate_hz
+        self._last_start = -float("inf")
+
+    def can_execute(self, now: float) -> bool:
+        return self.rate_hz is None or now - self._last_start >= 1.0 / self.rate_hz
+
+    def beginning_execution(self, sample: Sample, now: float) -> None:
+        self._last_start = now
+
+    def ending_execution(self, result: TaskResult, now: float) -> None:
+        pass
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until the next slot opens (0 when open now)."""
+        if self.rate_hz is None:
+            return 0.0
+        return max(0.0, 1.0 / self.rate_hz - (now - self._last_start))
+
+
+class TaskChannel:
+    """One task's socket, queue and reader/writer threads."""
+
+    def __init__(
+        self,
+        task: str,
+        socket_dir: Path,
+        bus: EventBus,
+        *,
+        queue_depth: int = 4,
+        overflow: Overflow = "drop_oldest",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.task = task
+        self.socket_dir = socket_dir
+        self.socket_path = socket_dir / "task.sock"
+        self._bus = bus
+        self._overflow = overflow
+        self._clock = clock
+        self._queue: collections.deque[Sample] = collections.deque()
+        self._depth = queue_depth
+        self._cond = threading.Condition()
+        self.in_flight = InFlightGate(1)
+        self.rate = RateGate(None)
+        self._gates: tuple[DispatchGate, ...] = (self.in_flight, self.rate)
+        self._server: socket.socket | None = None
+        self._conn: socket.socket | None = None
+        self._closing = False
+        self._ended = threading.Event()
+        self._hello = threading.Event()
+        self.summary: dict[str, object] = {}
+        self.pid: int | None = None
+        self.sent = 0
+        self.received = 0
+        self.dropped = 0
+        self.error: BaseException | None = None
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def listen(self, uid: int | None = None) -> None:
+        """Create the socket the task's container will connect to.
+
+        The container runs as an unprivileged user, so the socket folder is handed to
+        that uid (or made world-traversable when no uid is known).
+        """
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_path.unlink(missing_ok=True)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(self.socket_path))
+        server.listen(1)
+        if uid is not None:
+            os.chown(self.socket_dir, uid, -1)
+            os.chown(self.socket_path, uid, -1)
+            os.chmod(self.socket_dir, 0o750)
+            os.chmod(self.socket_path, 0o660)
+        else:
+            os.chmod(self.socket_dir, 0o755)
+            os.chmod(self.socket_path, 0o666)
+        self._server = server
+
+    def accept(self, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
+        """Wait for the task to connect and say hello (it may be loading a model first)."""
+        assert self._server is not None, "listen() first"
+        deadline = self._clock() + timeout_s
+        self._server.settimeout(0.2)
+        while True:
+            try:
+                conn, _ = self._server.accept()
+                break
+            except TimeoutError:
+                if not alive():
+                    raise RuntimeError(f"task {self.task!r} exited before connecting") from None
+                if self._clock() > deadline:
+                    raise TimeoutError(
+                        f"task {self.task!r} did not connect to {self.socket_path} within "
+                        f"{timeout_s:.0f} s; check its logs with `docker logs`"
+                    ) from None
+        conn.settimeout(max(1.0, deadline - self._clock()))
+        header, _ = protocol.recv(conn)
+        if header.get("type") != "hello":
+            raise protocol.ProtocolError(f"task {self.task!r} sent {header!r} before hello")
+        conn.settimeout(None)
+        self.pid = header.get("pid")
+        self._conn = conn
+        self._hello.set()
+        for target, name in ((self._send_loop, "send"), (self._recv_loop, "recv")):
+            thread = threading.Thread(target=target, name=f"{self.task}:{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    # -- hot path --------------------------------------------------------------------------
+    def offer(self, sample: Sample) -> None:
+        """Queue a sample for the task (called by source threads; never blocks)."""
+        with self._cond:
+            if self._closing:
+                return
+            if self._overflow == "drop_oldest" and len(self._queue) >= self._depth:
+                old = self._queue.popleft()
+                self._drop(old, "queue_full")
+            self._queue.append(sample)
+            self._cond.notify_all()
+
+    def set_rate(self, rate_hz: float | None) -> None:
+        """Apply a context-driven processing rate (None: as fast as samples come)."""
+        with self._cond:
+            if rate_hz == self.rate.rate_hz:
+                return
+            self.rate.rate_hz = rate_hz
+            self._cond.notify_all()
+        if self._conn is not None:
+            self._send_control(rate_hz)
+
+    def _send_control(self, rate_hz: float | None) -> None:
+        try:
+            with self._cond:
+                conn = self._conn
+            if conn is not None:
+                protocol.send(conn, {"type": "control", "rate_hz": rate_hz})
+        except OSError as exc:
+            log.warning("task %s: control message failed: %s", self.task, exc)
+
+    def _drop(self, sample: Sample, reason: str) -> None:
+        self.dropped += 1
+        self._bus.publish(
+            "task.dropped", SampleDropped(self.task, sample.id, self._clock(), reason)
+        )
+
+    def _next_sample(self) -> Sample | None:
+        """Block until a sample may go out; skip samples the rate gate makes useless."""
+        with self._cond:
+            while True:
+                if self._closing and not self._queue:
+                    return None
+                now = self._clock()
+                if self._queue and self.in_flight.can_execute(now):
+                    if self.rate.can_execute(now) or self._overflow == "block":
+                        sample = self._queue.popleft()
+                        for gate in self._gates:
+                            gate.beginning_execution(sample, now)
+                        return sample
+                    # Rate-limited and a newer sample will come: keep only the newest.
+                    while len(self._queue) > 1:
+                        self._drop(self._queue.popleft(), "rate")
+                    self._cond.wait(timeout=max(self.rate.wait_s(now), 0.001))
+                else:
+                    self._cond.wait()
+
+    def _send_loop(self) -> None:
+        assert self._conn is not None
+        try:
+            while (sample := self._next_sample()) is not None:
+                protocol.send(self._conn, {**sample.header()}, sample.payload)
+                self.sent += 1
+            protocol.send(self._conn, {"type": "end"})
+        except OSError as exc:
+            self._fail(exc)
+
+    def _recv_loop(self) -> None:
+        assert self._conn is not None
+        try:
+            while True:
+                header, _ = protocol.recv(self._conn)
+                now = self._clock()
+                if header["type"] == "result":
+                    result = TaskResult(
+                        task=self.task,
+                        sample_id=int(header["id"]),
+                        t_sensor=float(header["t_sensor"]),
+                        t_start=float(header["t_start"]),
+                        t_end=float(header["t_end"]),
+                        result=header.get("result") or {},
+                    )
+                    with self._cond:
+                        self.received += 1
+                        for gate in self._gates:
+                            gate.ending_execution(result, now)
+                        self._cond.notify_all()
+                    self._bus.publish("task.result", result)
+                elif header["type"] == "bye":
+                    self.summary = header.get("summary") or {}
+                    self._ended.set()
+                    return
+                else:
+                    raise protocol.ProtocolError(f"unexpected {header['type']!r} from task")
+        except (OSError, protocol.ProtocolError) as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """The task died or spoke nonsense: say so once on the bus, wake everyone."""
+        with self._cond:
+            if self.error is not None or self._ended.is_set():
+                return
+            self.error = exc
+            self._closing = True
+            self._queue.clear()
+            self._cond.notify_all()
+        self._ended.set()
+        log.error("task %s: connection failed: %s", self.task, exc)
+        self._bus.publish(
+            "task.state", TaskStateChanged(self._clock(), self.task, "failed", str(exc))
+        )
+
+    # -- shutdown --------------------------------------------------------------------------
+    def pending(self) -> int:
+        """Samples queued or in the task."""
+        with self._cond:
+            return len(self._queue) + self.in_flight.in_flight
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every queued sample has been processed (used by no-drop runs)."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: (
+                    self.error is not None or (not self._queue and not self.in_flight.in_flight)
+                ),
+                timeout_s,
+            )
+
+    def finish(self, timeout_s: float) -> dict[str, object]:
+        """Send `end` after what is queued, wait for the task's summary, close the socket."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._hello.is_set():
+            self._ended.wait(timeout_s)
+        self.close()
+        return self.summary
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._queue.clear()
+            self._cond.notify_all()
+        for sock in (self._conn, self._server):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+        self.socket_path.unlink(missing_ok=True)

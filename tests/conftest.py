@@ -1,0 +1,56 @@
+"""Shared test helpers: where the real data are, and whether a Docker engine answers."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ctxtask.datasets import data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def require_data(subpath: str = "") -> Path:
+    """The data folder `subpath` under the data root, or skip the test saying why."""
+    path = data_dir() / subpath
+    if not path.exists():
+        pytest.skip(
+            f"real data not found at {path}: set CTXROBOT_DATA to the shared data folder "
+            "(it holds slam/, signs/, speech/)"
+        )
+    return path
+
+
+@functools.cache
+def docker_problem() -> str | None:
+    """Why Docker tests cannot run here, or None when the engine answers."""
+    if shutil.which("docker") is None:
+        return "the docker CLI is not installed (run tools/setup)"
+    proc = subprocess.run(
+        ["docker", "info", "--format", "{{.ServerVersion}}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if proc.returncode != 0:
+        return f"no Docker engine answers (run tools/setup): {proc.stderr.strip()[:200]}"
+    return None
+
+
+def require_image(name: str) -> None:
+    """Skip unless the Docker engine answers and holds image `name`."""
+    problem = docker_problem()
+    if problem:
+        pytest.skip(problem)
+    proc = subprocess.run(["docker", "image", "inspect", name], capture_output=True, timeout=30)
+    if proc.returncode != 0:
+        pytest.skip(f"image {name} is missing: run tools/setup to build it")
+
+
+@pytest.fixture
+def data_root() -> Path:
+    return require_data()

@@ -1,0 +1,138 @@
+"""TaskChannel against a real task served by ctxtask.runner over a real Unix socket."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ctxrobot.bus import EventBus
+from ctxrobot.channel import RateGate, TaskChannel
+from ctxrobot.events import SampleDropped, TaskResult
+from ctxtask import protocol, runner
+from ctxtask.protocol import Sample
+from ctxtask.task import Task
+
+
+class SumTask(Task):
+    """Sums a float32 scan; sleeps `delay_s` per sample to emulate work."""
+
+    name = "sum"
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.rates: list[float | None] = []
+        self.seen = 0
+
+    def update(self, sample: Sample) -> dict[str, Any]:
+        time.sleep(self.delay_s)
+        self.seen += 1
+        return {"sum": float(sample.array().sum())}
+
+    def set_rate(self, rate_hz: float | None) -> None:
+        self.rates.append(rate_hz)
+
+    def terminate(self) -> dict[str, Any]:
+        return {"seen": self.seen}
+
+
+def start(tmp_path: Path, task: Task, **kwargs: Any) -> tuple[TaskChannel, EventBus, list[Any]]:
+    bus = EventBus()
+    events: list[Any] = []
+    bus.subscribe("task.result", events.append, name="results", inline=True)
+    bus.subscribe("task.dropped", events.append, name="drops", inline=True)
+    channel = TaskChannel("sum", tmp_path / "sock", bus, **kwargs)
+    channel.listen()
+
+    def serve() -> None:
+        # Like a task container: hello, one stream, and the socket closes however it ends.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(channel.socket_path))
+            protocol.send(sock, {"type": "hello", "task": "sum", "pid": 1})
+            with contextlib.suppress(RuntimeError):
+                runner.run_stream(task, sock)
+
+    threading.Thread(target=serve, daemon=True).start()
+    channel.accept(timeout_s=5)
+    return channel, bus, events
+
+
+def scan(i: int) -> Sample:
+    payload = np.full(4, i, dtype="<f4").tobytes()
+    return Sample(id=i, t_sensor=time.monotonic(), kind="scan", payload=payload)
+
+
+def test_every_sample_processed_in_block_mode(tmp_path: Path) -> None:
+    task = SumTask(delay_s=0.002)
+    channel, _, events = start(tmp_path, task, overflow="block")
+    for i in range(50):
+        channel.offer(scan(i))
+    assert channel.wait_idle(10)
+    summary = channel.finish(5)
+    results = [e for e in events if isinstance(e, TaskResult)]
+    assert [r.sample_id for r in results] == list(range(50))
+    assert results[7].result == {"sum": 28.0}
+    assert all(r.t_sensor <= r.t_start <= r.t_end for r in results)
+    assert summary == {"seen": 50}
+
+
+def test_overflow_drops_oldest_and_counts(tmp_path: Path) -> None:
+    task = SumTask(delay_s=0.05)
+    channel, _, events = start(tmp_path, task, queue_depth=2, overflow="drop_oldest")
+    for i in range(10):
+        channel.offer(scan(i))
+    assert channel.wait_idle(10)
+    channel.finish(5)
+    done = [e.sample_id for e in events if isinstance(e, TaskResult)]
+    dropped = [e.sample_id for e in events if isinstance(e, SampleDropped)]
+    assert sorted(done + dropped) == list(range(10))
+    assert dropped and channel.dropped == len(dropped)
+    assert done[-1] == 9, "the newest sample is always kept"
+
+
+def test_rate_gate_skips_and_tells_the_task(tmp_path: Path) -> None:
+    task = SumTask()
+    channel, _, events = start(tmp_path, task, queue_depth=8)
+    channel.set_rate(5.0)
+    for i in range(20):
+        channel.offer(scan(i))
+        time.sleep(0.01)
+    assert channel.wait_idle(5)
+    channel.finish(5)
+    done = [e for e in events if isinstance(e, TaskResult)]
+    # 20 samples over ~0.2 s at 5 Hz: the first, plus at most ~2 more slots.
+    assert 1 <= len(done) <= 4
+    assert all(e.reason == "rate" for e in events if isinstance(e, SampleDropped))
+    assert task.rates == [5.0]
+
+
+def test_rate_gate_wait() -> None:
+    gate = RateGate(2.0)
+    assert gate.can_execute(10.0)
+    gate.beginning_execution(scan(0), 10.0)
+    assert not gate.can_execute(10.2)
+    assert gate.wait_s(10.2) == pytest.approx(0.3)
+    assert gate.can_execute(10.5)
+
+
+def test_task_crash_is_reported(tmp_path: Path) -> None:
+    class Crashing(SumTask):
+        def update(self, sample: Sample) -> dict[str, Any]:
+            raise RuntimeError("boom")
+
+    states: list[Any] = []
+    channel, bus, _ = start(tmp_path, Crashing())
+    bus.subscribe("task.state", states.append, name="states", inline=True)
+    channel.offer(scan(0))
+    deadline = time.monotonic() + 5
+    while channel.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert channel.error is not None
+    assert states and states[0].state == "failed"
+    channel.close()
