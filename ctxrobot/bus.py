@@ -69,8 +69,11 @@ class EventBus:
     def stream(self, topic: str) -> Observable[Any]:
         """The topic as an Observable for inline operator chains.
 
-        Each subscription gets its own guard: an exception raised downstream is logged
-        and counted, and the subscription keeps receiving later events.
+        Each subscription gets its own guard: an exception that escapes the subscriber's
+        `on_next` is logged and counted, and the subscription keeps receiving later
+        events. An exception inside a reactivex operator (`map`, `filter`, …) follows Rx
+        rules instead: that chain ends with `on_error` (the bus and every other subscriber
+        carry on), so long-lived chains must not raise in their operators.
         """
         subject = self._subject(topic)
 
