@@ -1,0 +1,327 @@
+"""The lifecycle path: create, start, stop and remove task containers with the Docker SDK.
+
+Lifecycle changes are rare and may take Docker's tens of milliseconds; CPU re-allocation is
+frequent and goes through the cgroup fast path (:mod:`ctxrobot.cgroups`).
+:meth:`DockerBackend.controller_for` hands out that fast path when the container's cgroup
+files are writable, and otherwise a :class:`DockerApiController` that does the same through
+``docker update`` / ``pause`` (correct, but ~20 ms per change).
+
+Every container carries the labels of ARCHITECTURE.md ("Container labels"), so a later run
+can find and clean up what a crashed one left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker
+import docker.errors
+import psutil
+from docker.models.containers import Container
+from docker.types import Mount
+
+from ctxrobot.cgroups import (
+    DEFAULT_PERIOD_US,
+    CgroupError,
+    CpuController,
+    check_weight,
+    discover,
+    quota_us,
+    weight_to_shares,
+)
+
+log = logging.getLogger(__name__)
+
+LABEL_MANAGED = "ctxrobot.managed"
+LABEL_TASK = "ctxrobot.task"
+LABEL_RUN = "ctxrobot.run"
+LABEL_INSTANCE = "ctxrobot.instance"
+
+
+class ContainerError(RuntimeError):
+    """A container could not be created, found or controlled."""
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """A host path bind-mounted into the container."""
+
+    source: Path | str
+    target: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What to run for one task. ``task`` and ``run_id`` become the ctxrobot labels."""
+
+    name: str
+    image: str
+    task: str
+    run_id: str
+    command: list[str] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    mounts: tuple[BindMount, ...] = ()
+    # Extra labels; the ctxrobot.* labels are always set by the backend and win.
+    labels: Mapping[str, str] = field(default_factory=dict)
+    memory_bytes: int | None = None
+    cgroup_parent: str | None = None
+    cpuset_cpus: str | None = None
+    user: str | None = None
+    working_dir: str | None = None
+    # Tasks talk to the host over a bind-mounted Unix socket; they need no network.
+    network_mode: str = "none"
+    # A real PID 1 (docker-init) forwards SIGTERM, so stop() does not wait out its timeout
+    # on a Python process that ignores signals as PID 1.
+    init: bool = True
+
+
+class DockerApiController:
+    """:class:`~ctxrobot.cgroups.CpuController` through the Docker API (the slow fallback).
+
+    Used when the cgroup files are not writable (e.g. rootless Docker, or ctxrobot itself in
+    a container without the cgroup tree). Values are cached like on the fast path so an
+    unchanged allocation costs no API call.
+    """
+
+    def __init__(self, container: Container) -> None:
+        self.container = container
+        self._last: dict[str, object] = {}
+
+    def __repr__(self) -> str:
+        return f"DockerApiController({self.container.name})"
+
+    def _update(self, key: str, value: object, **kwargs: int | str) -> None:
+        if self._last.get(key) == value:
+            return
+        self._last.pop(key, None)
+        self.container.update(**kwargs)
+        self._last[key] = value
+
+    def set_weight(self, weight: int) -> None:
+        check_weight(weight)
+        self._update("weight", weight, cpu_shares=weight_to_shares(weight))
+
+    def set_share_cap(self, share: float | None, ncpus: int) -> None:
+        quota = -1 if share is None else quota_us(share, ncpus, DEFAULT_PERIOD_US)
+        self._update("quota", quota, cpu_quota=quota, cpu_period=DEFAULT_PERIOD_US)
+
+    def freeze(self) -> None:
+        if self._last.get("frozen") is not True:
+            self._last.pop("frozen", None)
+            self.container.pause()
+            self._last["frozen"] = True
+
+    def thaw(self) -> None:
+        if self._last.get("frozen") is not False:
+            self._last.pop("frozen", None)
+            self.container.reload()
+            if self.container.status == "paused":
+                self.container.unpause()
+            self._last["frozen"] = False
+
+    @property
+    def frozen(self) -> bool:
+        self.container.reload()
+        return self.container.status == "paused"
+
+    def set_cpuset(self, cpus: str) -> None:
+        self._update("cpuset", cpus, cpuset_cpus=cpus)
+
+    def usage_ns(self) -> int:
+        stats = self.container.stats(stream=False, one_shot=True)
+        return int(stats["cpu_stats"]["cpu_usage"]["total_usage"])
+
+    def read_limits(self) -> tuple[int, float | None]:
+        self.container.reload()
+        host = self.container.attrs["HostConfig"]
+        shares = host.get("CpuShares") or 1024
+        quota, period = host.get("CpuQuota") or 0, host.get("CpuPeriod") or DEFAULT_PERIOD_US
+        return max(1, round(shares * 100 / 1024)), quota / period if quota > 0 else None
+
+
+class DockerBackend:
+    """Docker lifecycle for ctxrobot task containers.
+
+    ``instance`` is the owner pid written into ``ctxrobot.instance`` (default: this process);
+    ``cgroup_root`` is where :func:`~ctxrobot.cgroups.discover` looks (tests change it).
+    """
+
+    def __init__(
+        self,
+        client: docker.DockerClient | None = None,
+        *,
+        instance: int | None = None,
+        cgroup_root: Path = Path("/"),
+    ) -> None:
+        self.client = client if client is not None else docker.from_env()
+        self.instance = os.getpid() if instance is None else instance
+        self.cgroup_root = cgroup_root
+        self._warned_fallback = False
+
+    def get(self, name: str) -> Container | None:
+        try:
+            return self.client.containers.get(name)
+        except docker.errors.NotFound:
+            return None
+
+    def create_and_start(self, spec: ContainerSpec) -> Container:
+        """Create and start ``spec``'s container.
+
+        A leftover container of the same name is removed first when it is ours and its owner
+        is gone (a crashed run); anything else with that name is an error, never removed.
+        """
+        existing = self.get(spec.name)
+        if existing is not None:
+            if not self._is_stale(existing):
+                raise ContainerError(
+                    f"container name {spec.name!r} is taken by a container that is not a stale "
+                    "ctxrobot one; remove it or choose another name"
+                )
+            log.info("removing stale container %s before re-creating it", spec.name)
+            self._remove(existing)
+        labels = {
+            **spec.labels,
+            LABEL_MANAGED: "1",
+            LABEL_TASK: spec.task,
+            LABEL_RUN: spec.run_id,
+            LABEL_INSTANCE: str(self.instance),
+        }
+        mounts = [
+            Mount(target=m.target, source=str(m.source), type="bind", read_only=m.read_only)
+            for m in spec.mounts
+        ]
+        try:
+            container = self.client.containers.create(
+                spec.image,
+                spec.command,
+                name=spec.name,
+                environment=dict(spec.env),
+                labels=labels,
+                mounts=mounts,
+                mem_limit=spec.memory_bytes,
+                cgroup_parent=spec.cgroup_parent,
+                cpuset_cpus=spec.cpuset_cpus,
+                user=spec.user,
+                working_dir=spec.working_dir,
+                network_mode=spec.network_mode,
+                init=spec.init,
+                detach=True,
+            )
+        except docker.errors.ImageNotFound as err:
+            raise ContainerError(f"image {spec.image!r} not found; run tools/setup") from err
+        except docker.errors.APIError as err:
+            raise ContainerError(f"cannot create container {spec.name!r}: {err}") from err
+        try:
+            container.start()
+        except docker.errors.APIError as err:
+            container.remove(force=True)
+            raise ContainerError(f"cannot start container {spec.name!r}: {err}") from err
+        container.reload()
+        return container
+
+    def _thaw(self, container: Container) -> None:
+        """Undo any freeze so the container can receive signals and stop.
+
+        A frozen process cannot act on SIGTERM or even SIGKILL (v1 freezer), so stopping a
+        frozen container would hang until Docker gives up. Docker's own pause shows up as
+        status "paused"; a fast-path freeze does not (Docker does not know about it), so the
+        cgroup itself is asked through a fresh controller (empty cache: the thaw is written).
+        """
+        container.reload()
+        if container.status == "paused":
+            container.unpause()
+            container.reload()
+        if container.status != "running":
+            return
+        try:
+            controller = discover(container.attrs["State"]["Pid"], self.cgroup_root)
+            if controller.frozen:
+                controller.thaw()
+        except CgroupError as err:
+            # Without writable cgroup files nothing but Docker's pause can have frozen it.
+            log.debug("cannot check the freezer of %s: %s", container.name, err)
+
+    def stop(self, name: str, timeout: float = 10) -> bool:
+        """Thaw and stop ``name``; False when there is no such container."""
+        container = self.get(name)
+        if container is None:
+            return False
+        self._thaw(container)
+        container.stop(timeout=timeout)
+        return True
+
+    def remove(self, name: str) -> bool:
+        """Thaw, stop and remove ``name``; False when there is no such container."""
+        container = self.get(name)
+        if container is None:
+            return False
+        self._remove(container)
+        return True
+
+    def _remove(self, container: Container) -> None:
+        try:
+            self._thaw(container)
+            container.remove(force=True)
+        except docker.errors.NotFound:
+            pass  # gone meanwhile (e.g. removed by a concurrent cleanup): that is the goal
+
+    def list_managed(self, run_id: str | None = None) -> list[Container]:
+        """Our containers (any state), optionally only those of one run."""
+        filters = [f"{LABEL_MANAGED}=1"]
+        if run_id is not None:
+            filters.append(f"{LABEL_RUN}={run_id}")
+        return self.client.containers.list(all=True, filters={"label": filters})
+
+    def _is_stale(self, container: Container) -> bool:
+        """Ours, and the process that created it is gone."""
+        labels = container.labels
+        if labels.get(LABEL_MANAGED) != "1":
+            return False
+        owner = labels.get(LABEL_INSTANCE, "")
+        return not (owner.isdigit() and psutil.pid_exists(int(owner)))
+
+    def cleanup(self, run_id: str | None = None) -> list[str]:
+        """Remove containers; return their names.
+
+        With ``run_id``: every container of that run, whoever owns it (the caller asks for
+        it explicitly). Without: only stale ones, i.e. whose owner pid is no longer alive,
+        so a concurrent live run is never touched.
+        """
+        if run_id is not None:
+            targets = self.list_managed(run_id)
+        else:
+            targets = [c for c in self.list_managed() if self._is_stale(c)]
+        for container in targets:
+            self._remove(container)
+        return [c.name for c in targets]
+
+    def controller_for(self, container: Container | str) -> CpuController:
+        """The fast path for ``container`` if its cgroup files are writable, else the API."""
+        if isinstance(container, str):
+            found = self.get(container)
+            if found is None:
+                raise ContainerError(f"no container named {container!r}")
+            container = found
+        container.reload()
+        pid = container.attrs["State"]["Pid"]
+        if not pid:
+            raise ContainerError(f"container {container.name!r} is not running")
+        try:
+            controller = discover(pid, self.cgroup_root)
+            controller.probe()
+        except CgroupError as err:
+            if not self._warned_fallback:
+                log.warning(
+                    "cgroup files not writable at %s; falling back to the Docker API "
+                    "(~20 ms per change) [%s]",
+                    err.path or f"/proc/{pid}/cgroup",
+                    err,
+                )
+                self._warned_fallback = True
+            return DockerApiController(container)
+        return controller
