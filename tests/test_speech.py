@@ -1,0 +1,623 @@
+"""Speech task: dataset reader and WER, voice-activity detection, both engines, the task.
+
+The target tests run the real recognisers on the shared speech folder in this process (host
+venv) and skip when the data are absent. Timings are printed (`pytest -s`), not asserted: the
+2-core test machine is shared. Vosk has no model on this machine, so its tests check every
+model-directory error for real; the recognition test runs when a model is supplied (env
+`CTXROBOT_VOSK_MODEL`, or `speech/model/vosk-model-small-en-us-0.15` under the data root).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ctxtask import protocol
+from ctxtask.datasets.speech import (
+    SpeechDataset,
+    SpeechDatasetError,
+    iter_chunks,
+    normalise_text,
+    read_transcripts,
+    read_wav,
+    wer,
+    word_errors,
+)
+from ctxtask.protocol import Sample
+from speech import commands, evaluate
+from speech.recognizer import RecognizerError, create_recognizer
+from speech.stream import StreamingRecognizer
+from speech.task import SpeechTask
+from speech.vad import Segmenter
+from speech.vosk_engine import VoskModelError, default_model_dir
+from tests.conftest import REPO, require_data
+
+RATE = 16000
+GOFORWARD = "audio/ps_goforward.wav"
+HEADER = "filename\ttext\n"
+
+
+def _speech() -> Path:
+    return require_data("speech")
+
+
+def _write_wav(path: Path, pcm: np.ndarray, rate: int = RATE, channels: int = 1) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(np.asarray(pcm, dtype="<i2").tobytes())
+    return path
+
+
+def _silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * RATE), dtype=np.int16)
+
+
+def _one_file_dataset(tmp_path: Path, data: Path, name: str, text: str) -> Path:
+    """A dataset folder in tmp_path whose audio is a symlink to one shared file (no copy)."""
+    (tmp_path / "audio").mkdir(parents=True)
+    (tmp_path / name).symlink_to(data / name)
+    (tmp_path / "transcripts.tsv").write_text(f"{HEADER}{name}\t{text}\n")
+    return tmp_path
+
+
+# --- dataset reader -------------------------------------------------------------------------
+
+
+def test_shared_dataset_reads_every_utterance() -> None:
+    data = _speech()
+    dataset = SpeechDataset(data)
+    assert len(dataset) == 11
+    goforward = next(item for item in dataset if item.name == GOFORWARD)
+    assert goforward.text == "go forward ten meters"
+    pcm = goforward.load()
+    assert pcm.dtype == np.int16 and pcm.ndim == 1
+    assert abs(len(pcm) / RATE - 2.79) < 0.01  # the duration in the data's MANIFEST.md
+    total = sum(len(item.load()) for item in dataset) / RATE
+    print(f"\n{len(dataset)} utterances, {total:.2f} s of audio")
+
+
+def test_read_wav_names_format_and_sox_command(tmp_path: Path) -> None:
+    stereo = _write_wav(tmp_path / "stereo8k.wav", np.zeros(1600, np.int16), 8000, channels=2)
+    with pytest.raises(SpeechDatasetError) as err:
+        read_wav(stereo)
+    message = str(err.value)
+    assert str(stereo) in message and "8000 Hz, 2 channel(s), 16-bit" in message
+    assert "sox" in message and "-r 16000 -c 1 -b 16" in message
+    garbage = tmp_path / "notes.wav"
+    garbage.write_bytes(b"this is not a RIFF file at all")
+    with pytest.raises(SpeechDatasetError, match=r"notes\.wav: not a PCM WAV file.*sox"):
+        read_wav(garbage)
+    with pytest.raises(SpeechDatasetError, match="file not found"):
+        read_wav(tmp_path / "absent.wav")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", r"transcripts\.tsv:1: expected the header"),
+        ("file\ttranscript\na.wav\thello\n", r"transcripts\.tsv:1: expected the header"),
+        (HEADER + "audio/a.wav\thello\naudio/b.wav\n", r"transcripts\.tsv:3: expected 2 tab"),
+        (HEADER + "audio/a.wav\thello\tworld\n", r"transcripts\.tsv:2: expected 2 tab"),
+        (HEADER + "audio/a.wav\t  \n", r"transcripts\.tsv:2: empty transcript"),
+        (HEADER + "\thello\n", r"transcripts\.tsv:2: empty filename"),
+        (HEADER + "audio/a.wav\thi\naudio/a.wav\tho\n", r"tsv:3: 'audio/a.wav' is listed twice"),
+        (HEADER + "\n\n", r"transcripts\.tsv: no utterances"),
+    ],
+)
+def test_malformed_transcripts_name_file_and_line(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    tsv = tmp_path / "transcripts.tsv"
+    tsv.write_text(content)
+    with pytest.raises(SpeechDatasetError, match=message):
+        read_transcripts(tsv)
+
+
+def test_dataset_folder_problems(tmp_path: Path) -> None:
+    with pytest.raises(SpeechDatasetError, match="not a directory"):
+        SpeechDataset(tmp_path / "absent")
+    with pytest.raises(SpeechDatasetError, match=r"no transcripts\.tsv"):
+        SpeechDataset(tmp_path)
+    (tmp_path / "transcripts.tsv").write_text(HEADER + "audio/a.wav\thello there\n\n")
+    with pytest.raises(SpeechDatasetError, match=r"transcripts\.tsv:2: audio file .*a\.wav"):
+        SpeechDataset(tmp_path)
+    _write_wav(tmp_path / "audio/a.wav", np.arange(-50, 50, dtype=np.int16))
+    [item] = SpeechDataset(tmp_path)  # the trailing blank line is tolerated
+    assert item.text == "hello there"
+    assert np.array_equal(item.load(), np.arange(-50, 50, dtype=np.int16))
+
+
+def test_word_errors_and_pooled_wer() -> None:
+    assert word_errors("go forward ten meters", "go forward ten meters") == 0
+    assert word_errors("go forward ten meters", "go forward two meters") == 1  # substitution
+    assert word_errors("go forward ten meters", "go ten meters") == 1  # deletion
+    assert word_errors("turn left", "please turn left now") == 2  # insertions
+    assert word_errors("a b c", "") == 3 and word_errors("", "a b") == 2
+    assert word_errors("Hello, World!", "hello world") == 0  # case and punctuation
+    assert normalise_text("Don't 'stop' -- now.") == ["don't", "stop", "now"]
+    # Pooled: 1 error over 6 reference words, not the mean of 1/2 and 0/4.
+    assert wer(["a b", "c d e f"], ["a", "c d e f"]) == pytest.approx(1 / 6)
+    with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
+        wer(["a", "b"], ["a"])
+
+
+def test_iter_chunks_reassembles_exactly() -> None:
+    pcm = np.arange(2500, dtype=np.int16)
+    chunks = list(iter_chunks(pcm, 1000))
+    assert [len(c) for c in chunks] == [1000, 1000, 500]
+    assert np.array_equal(np.concatenate(chunks), pcm)
+    with pytest.raises(ValueError, match="positive"):
+        list(iter_chunks(pcm, 0))
+
+
+# --- voice-activity detection ---------------------------------------------------------------
+
+
+def _segments(segmenter: Segmenter, pcm: np.ndarray, chunk: int) -> list[bytes]:
+    """Run the segmenter over pcm in chunks; return the audio of each complete utterance."""
+    done: list[bytes] = []
+    current: bytes | None = None
+    for piece in [*iter_chunks(pcm, chunk), None]:
+        for event in segmenter.flush() if piece is None else segmenter.push(piece):
+            if event.start:
+                assert current is None, "an utterance started inside another"
+                current = b""
+            assert current is not None, "audio outside an utterance"
+            current += event.pcm
+            if event.end:
+                done.append(current)
+                current = None
+    assert current is None and not segmenter.speaking
+    return done
+
+
+def test_vad_silence_gives_nothing() -> None:
+    assert _segments(Segmenter(), _silence(2.0), 1600) == []
+    rng = np.random.default_rng(0)
+    hiss = rng.normal(0, 30, 2 * RATE).astype(np.int16)  # faint steady noise, no voice
+    assert _segments(Segmenter(), hiss, 1600) == []
+
+
+def test_vad_finds_each_utterance_whole() -> None:
+    data = _speech()
+    speech = read_wav(data / GOFORWARD)
+    cards = read_wav(data / "audio/ps_cards_001.wav")
+    stream = np.concatenate([_silence(1.0), speech, _silence(1.5), cards, _silence(1.0)])
+    segments = _segments(Segmenter(), stream, 1600)
+    assert len(segments) == 2
+    for segment, source in zip(segments, (speech, cards), strict=True):
+        seconds = len(segment) / 2 / RATE
+        # The whole recording's voiced part, plus at most pre-roll + trigger window + hangover.
+        assert 0.6 * len(source) / RATE < seconds < len(source) / RATE + 1.0
+    # Frame buffering must not depend on how the microphone driver chunks the stream.
+    assert _segments(Segmenter(), stream, 1600) == _segments(Segmenter(), stream, 555)
+
+
+def test_vad_flush_closes_an_open_utterance() -> None:
+    speech = read_wav(_speech() / GOFORWARD)
+    segmenter = Segmenter()
+    events = [e for piece in iter_chunks(speech[:RATE], 1600) for e in segmenter.push(piece)]
+    assert events and events[0].start and segmenter.speaking
+    [last] = segmenter.flush()
+    assert last.end and not segmenter.speaking
+    assert segmenter.flush() == []
+
+
+def test_vad_caps_utterance_length_without_losing_audio() -> None:
+    data = _speech()
+    names = [item.name for item in SpeechDataset(data) if "librivox" in item.name][:3]
+    reading = np.concatenate([read_wav(data / name) for name in names])  # ~18 s, no gaps
+    uncapped = _segments(Segmenter(), reading, 1600)
+    capped = _segments(Segmenter(max_utterance_s=5.0), reading, 1600)
+    longest = max(len(s) for s in uncapped) / 2 / RATE
+    assert longest > 5.0  # so the cap below really has something to cut
+    assert max(len(s) for s in capped) / 2 / RATE <= 5.0 + 0.03  # one 30 ms frame
+    # Voice that goes on after a cut re-triggers at once, its onset kept by the history.
+    assert sum(map(len, capped)) >= 0.97 * sum(map(len, uncapped))
+    print(f"\nlongest utterance {longest:.2f} s uncapped; {len(capped)} segments capped")
+
+
+def test_vad_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="unknown VAD mode"):
+        Segmenter(mode="aggressive")
+    with pytest.raises(ValueError, match="ratio"):
+        Segmenter(ratio=0.5)
+
+
+# --- engines on the shared data ---------------------------------------------------------------
+
+
+def test_pocketsphinx_dictation_targets() -> None:
+    dataset = SpeechDataset(_speech())
+    recognizer = create_recognizer("pocketsphinx", "dictation")
+    metrics = evaluate.evaluate(dataset, recognizer, chunk_ms=100)
+    for f in metrics["files"]:
+        print(f"\n{f['errors']}/{f['words']} {f['file']}: {f['hypothesis']}", end="")
+    print(
+        f"\nWER {metrics['wer']:.3f} ({metrics['errors']}/{metrics['ref_words']}); real-time "
+        f"factor {metrics['realtime_factor']:.3f} (CPU {metrics['cpu_s']:.2f} s / audio "
+        f"{metrics['audio_s']:.2f} s, wall {metrics['wall_s']:.2f} s); largest chunk "
+        f"{metrics['max_chunk_cpu_s']:.3f} s CPU"
+    )
+    assert metrics["wer"] <= 0.20
+    assert metrics["segments"] == len(dataset)  # one utterance per recording, none split
+    json.dumps(metrics)
+
+
+def test_pocketsphinx_command_mode_recognises_goforward_exactly() -> None:
+    data = _speech()
+    stream = StreamingRecognizer(create_recognizer("pocketsphinx", "command"), Segmenter())
+    texts: list[str] = []
+    audio = np.concatenate([_silence(0.5), read_wav(data / GOFORWARD), _silence(1.0)])
+    for piece in iter_chunks(audio, 1600):
+        texts += stream.push(piece)
+    texts += stream.flush()
+    assert texts == ["go forward ten meters"]
+
+
+def test_pocketsphinx_command_mode_rejects_speech_outside_the_grammar() -> None:
+    dataset = SpeechDataset(_speech())
+    metrics = evaluate.evaluate(dataset, create_recognizer("pocketsphinx", "command"), 100)
+    heard = {f["file"]: f["hypothesis"] for f in metrics["files"]}
+    print(f"\ncommand mode: real-time factor {metrics['realtime_factor']:.3f}; {heard}")
+    assert heard.pop(GOFORWARD) == "go forward ten meters"
+    # Card names and novel sentences must not turn into motion commands ("stop" is let
+    # through unverified on purpose: acting on a misheard stop is safe).
+    assert set(heard.values()) <= {"", *commands.SAFE_COMMANDS}
+    assert sum(text == "" for text in heard.values()) >= 8
+
+
+def test_command_grammar_is_one_language_for_both_engines() -> None:
+    phrases = commands.phrases()
+    assert {"go forward ten meters", "go back two meters", "stop", "turn left", "turn right"} <= (
+        set(phrases)
+    )
+    assert "turn left ninety degrees" in phrases and len(phrases) == len(set(phrases))
+    grammar = commands.jsgf()
+    assert grammar.startswith("#JSGF V1.0;") and "public <command>" in grammar
+    for word in commands.vocabulary():
+        assert word in grammar  # every phrase word is reachable in the JSGF rendering
+
+
+def test_pocketsphinx_dictionary_covers_command_words() -> None:
+    # The constructor refuses to build a command recogniser with out-of-vocabulary words.
+    recognizer = create_recognizer("pocketsphinx", "command")
+    assert recognizer.engine == "pocketsphinx" and recognizer.mode == "command"
+
+
+def test_unknown_engine_and_mode() -> None:
+    with pytest.raises(RecognizerError, match="unknown engine 'whisper'"):
+        create_recognizer("whisper")
+    with pytest.raises(RecognizerError, match="unknown mode 'chat'"):
+        create_recognizer("pocketsphinx", "chat")
+
+
+# --- Vosk: model-directory errors (real), recognition (when a model exists) -------------------
+
+
+def _fake_model(root: Path, graph: tuple[str, ...] = ("HCLr.fst", "Gr.fst")) -> Path:
+    """The layout of a Vosk model with garbage in every file (as after a broken download)."""
+    for rel in (
+        "am/final.mdl",
+        "conf/mfcc.conf",
+        "conf/model.conf",
+        *(f"graph/{g}" for g in graph),
+    ):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"\x00garbage, not a Kaldi file\n" * 8)
+    return root
+
+
+def test_vosk_default_model_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("CTXROBOT_VOSK_MODEL", raising=False)
+    monkeypatch.setenv("CTXROBOT_DATA", str(tmp_path))
+    assert default_model_dir() == tmp_path / "speech/model/vosk-model-small-en-us-0.15"
+    monkeypatch.setenv("CTXROBOT_VOSK_MODEL", str(tmp_path / "elsewhere"))
+    assert default_model_dir() == tmp_path / "elsewhere"
+
+
+def test_vosk_without_model_says_what_to_download(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CTXROBOT_VOSK_MODEL", str(tmp_path / "no-model-here"))
+    with pytest.raises(VoskModelError) as err:
+        create_recognizer("vosk", "dictation", None)
+    message = str(err.value)
+    assert "No Vosk model configured" in message and str(tmp_path / "no-model-here") in message
+    assert "vosk-model-small-en-us-0.15.zip" in message
+    assert "https://alphacephei.com/vosk/models" in message and "vosk_model" in message
+
+
+def test_vosk_missing_directory(tmp_path: Path) -> None:
+    absent = tmp_path / "models" / "vosk-model-small-en-us-0.15"
+    with pytest.raises(VoskModelError, match="does not exist") as err:
+        create_recognizer("vosk", "dictation", absent)
+    assert str(absent) in str(err.value) and "alphacephei.com/vosk/models" in str(err.value)
+
+
+def test_vosk_directory_without_am_or_graph(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf/mfcc.conf").write_text("--sample-frequency=16000\n")
+    with pytest.raises(VoskModelError) as err:
+        create_recognizer("vosk", "dictation", tmp_path)
+    message = str(err.value)
+    assert "not a complete Vosk model" in message
+    assert "am/final.mdl" in message and "graph/HCLG.fst" in message
+    assert "vosk-model-small-en-us-0.15" in message
+
+
+def test_vosk_parent_folder_of_the_model_gets_a_hint(tmp_path: Path) -> None:
+    inner = _fake_model(tmp_path / "vosk-model-small-en-us-0.15")
+    with pytest.raises(VoskModelError, match=f"Did you mean {inner}"):
+        create_recognizer("vosk", "dictation", tmp_path)
+
+
+def test_vosk_static_graph_cannot_do_command_mode(tmp_path: Path) -> None:
+    model = _fake_model(tmp_path / "big-model", graph=("HCLG.fst",))
+    with pytest.raises(VoskModelError, match=r"static graph.*HCLr\.fst"):
+        create_recognizer("vosk", "command", model)
+
+
+def test_vosk_unreadable_model_files(tmp_path: Path) -> None:
+    pytest.importorskip("vosk", reason="the vosk wheel is not installed in this venv")
+    model = _fake_model(tmp_path / "vosk-model-small-en-us-0.15")
+    with pytest.raises(VoskModelError, match="Vosk could not load the model") as err:
+        create_recognizer("vosk", "dictation", model)
+    assert str(model) in str(err.value) and "alphacephei.com/vosk/models" in str(err.value)
+
+
+class _ScriptedVosk:
+    """A stand-in for the ``vosk`` module with the same API, replaying scripted results.
+
+    It checks our adapter's glue (grammar passed, Vosk's own mid-utterance endpoints collected,
+    "[unk]" dropped, reset between utterances) where no real model exists; recognition quality
+    is tested with a real model in ``test_vosk_targets_with_a_real_model``.
+    """
+
+    def __init__(self, vocabulary: set[str]) -> None:
+        self.recognizers: list[Any] = []
+        outer = self
+
+        class Model:
+            def __init__(self, path: str) -> None:
+                self.path = path
+
+            def vosk_model_find_word(self, word: str) -> int:
+                return 1 if word in vocabulary else -1
+
+        class KaldiRecognizer:
+            def __init__(self, model: Model, rate: int, grammar: str | None = None) -> None:
+                self.rate, self.grammar, self.fed, self.resets = rate, grammar, [], 0
+                outer.recognizers.append(self)
+
+            def AcceptWaveform(self, data: bytes) -> int:
+                self.fed.append(data)
+                return int(len(self.fed) == 2)  # Vosk's endpointer fires on the second chunk
+
+            def Result(self) -> str:
+                return json.dumps({"text": "go forward"})
+
+            def FinalResult(self) -> str:
+                return json.dumps({"text": "[unk] ten meters"})
+
+            def Reset(self) -> None:
+                self.fed, self.resets = [], self.resets + 1
+
+        self.Model, self.KaldiRecognizer = Model, KaldiRecognizer
+
+    @staticmethod
+    def SetLogLevel(level: int) -> None:
+        assert level == -1
+
+
+def test_vosk_adapter_glue(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    model = _fake_model(tmp_path / "vosk-model-small-en-us-0.15")
+    fake = _ScriptedVosk(commands.vocabulary() - {"halt"})
+    monkeypatch.setitem(sys.modules, "vosk", fake)
+    with pytest.raises(VoskModelError, match=r"lacks command words \['halt'\]"):
+        create_recognizer("vosk", "command", model)
+    fake = _ScriptedVosk(commands.vocabulary())
+    monkeypatch.setitem(sys.modules, "vosk", fake)
+    recognizer = create_recognizer("vosk", "command", model)
+    [kaldi] = fake.recognizers
+    assert kaldi.rate == RATE and json.loads(kaldi.grammar) == [*commands.phrases(), "[unk]"]
+    for _ in range(2):  # the second utterance proves state is reset in between
+        recognizer.start_utterance()
+        for piece in (b"\0\0" * 800, b"\1\0" * 800, b"\2\0" * 800):
+            recognizer.feed(piece)
+        assert recognizer.end_utterance() == "go forward ten meters"
+    assert kaldi.resets == 2
+
+
+def _vosk_model() -> Path:
+    path = default_model_dir()
+    if not (path / "am/final.mdl").is_file():
+        pytest.skip(
+            f"no Vosk model at {path}: download vosk-model-small-en-us-0.15 from "
+            "https://alphacephei.com/vosk/models and unzip it there (or set CTXROBOT_VOSK_MODEL)"
+        )
+    return path
+
+
+def test_vosk_targets_with_a_real_model() -> None:
+    model = _vosk_model()
+    dataset = SpeechDataset(_speech())
+    metrics = evaluate.evaluate(dataset, create_recognizer("vosk", "dictation", model), 100)
+    print(f"\nVosk WER {metrics['wer']:.3f}, real-time factor {metrics['realtime_factor']:.3f}")
+    assert metrics["wer"] <= 0.20
+    command = create_recognizer("vosk", "command", model)
+    command.start_utterance()
+    command.feed(read_wav(_speech() / GOFORWARD).tobytes())
+    assert command.end_utterance() == "go forward ten meters"
+
+
+# --- evaluate CLI ---------------------------------------------------------------------------
+
+
+def test_evaluate_cli_json_and_bad_folder(tmp_path: Path) -> None:
+    data = _speech()
+    folder = _one_file_dataset(tmp_path / "one", data, GOFORWARD, "go forward ten meters")
+    env = {"PYTHONPATH": str(REPO / "tasks"), "CTXROBOT_DATA": str(data.parent)}
+    ok = subprocess.run(
+        [sys.executable, "-m", "speech.evaluate", str(folder), "--json", "--mode", "command"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    metrics = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert metrics["wer"] == 0.0 and metrics["utterances"] == 1 and metrics["exact"] == 1
+    assert metrics["engine"] == "pocketsphinx" and metrics["mode"] == "command"
+    assert metrics["audio_s"] == pytest.approx(2.79, abs=0.01)
+    assert metrics["cpu_s"] > 0 and metrics["realtime_factor"] > 0
+    bad = subprocess.run(
+        [sys.executable, "-m", "speech.evaluate", str(tmp_path / "nothing-here"), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2 and not bad.stdout
+    assert "nothing-here: not a directory" in bad.stderr
+
+
+def test_evaluate_vosk_without_model_exits_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    data = _speech()
+    monkeypatch.setenv("CTXROBOT_VOSK_MODEL", str(tmp_path / "no-model-here"))
+    assert evaluate.main([str(data), "--engine", "vosk"]) == 2
+    captured = capsys.readouterr()
+    assert "vosk-model-small-en-us-0.15" in captured.err and captured.out == ""
+
+
+# --- the task -------------------------------------------------------------------------------
+
+
+def _samples(pcm: np.ndarray, label: str | None, chunk_ms: int = 100) -> list[Sample]:
+    """Microphone samples as the host's AudioReplay sends them."""
+    chunk = RATE * chunk_ms // 1000
+    return [
+        Sample(k, time.monotonic(), "audio", {"rate": RATE, "utterance": label}, piece.tobytes())
+        for k, piece in enumerate(iter_chunks(pcm, chunk))
+    ]
+
+
+def test_task_reports_utterance_when_it_ends() -> None:
+    speech = read_wav(_speech() / GOFORWARD)
+    task = SpeechTask()
+    task.setup({"engine": "pocketsphinx", "mode": "command"})
+    task.initialise()
+    samples = (
+        _samples(_silence(0.5), None)
+        + _samples(speech, "ps_goforward.wav")
+        + _samples(_silence(1.0), None)
+    )
+    results = [task.update(s) for s in samples]
+    json.dumps(results)  # the runner sends results as JSON
+    finished = [(k, r["utterance"]) for k, r in enumerate(results) if r["utterance"] is not None]
+    assert [text for _, text in finished] == ["go forward ten meters"]
+    [(k_end, _)] = finished
+    assert not results[k_end]["speaking"] and any(r["speaking"] for r in results[:k_end])
+    assert not results[0]["speaking"]
+    summary = task.terminate()
+    json.dumps(summary)
+    assert summary["samples"] == len(samples) and summary["mode"] == "command"
+    [heard] = summary["utterances"]
+    assert heard["text"] == "go forward ten meters" and heard["source"] == "ps_goforward.wav"
+    print(f"\ntask summary: {summary}")
+    task.shutdown()
+
+
+def test_task_terminate_flushes_an_open_utterance() -> None:
+    # The recording's voice ends at about 2.43 s; stopping the stream at 2.5 s leaves the
+    # utterance open (its end needs 0.27 s of unvoiced audio), as when a run is cut mid-word.
+    speech = read_wav(_speech() / GOFORWARD)[: int(2.5 * RATE)]
+    task = SpeechTask()
+    task.setup({"mode": "command"})
+    task.initialise()
+    results = [task.update(s) for s in _samples(np.concatenate([_silence(0.3), speech]), None)]
+    assert all(r["utterance"] is None for r in results) and results[-1]["speaking"]
+    summary = task.terminate()
+    assert [u["text"] for u in summary["utterances"]] == ["go forward ten meters"]
+
+
+def test_task_rejects_bad_config_and_samples(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CTXROBOT_VOSK_MODEL", str(tmp_path / "no-model-here"))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        SpeechTask().setup({"engin": "vosk"})
+    with pytest.raises(ValueError, match="engine must be one of"):
+        SpeechTask().setup({"engine": "kaldi"})
+    with pytest.raises(ValueError, match="mode must be one of"):
+        SpeechTask().setup({"mode": "chat"})
+    with pytest.raises(ValueError, match="bad vad config"):
+        SpeechTask().setup({"vad": {"window": 1}})
+    with pytest.raises(VoskModelError, match=r"vosk-model-small-en-us-0\.15"):
+        SpeechTask().setup({"engine": "vosk"})
+    task = SpeechTask()
+    task.setup({"mode": "command"})
+    task.initialise()
+    with pytest.raises(ValueError, match="expected audio samples"):
+        task.update(Sample(0, 0.0, "frame", {"shape": [1, 1, 3]}, b"\0\0\0"))
+    with pytest.raises(ValueError, match="16000 Hz"):
+        task.update(Sample(1, 0.0, "audio", {"rate": 8000}, b"\0\0" * 800))
+
+
+def test_container_entry_point_serves_audio_over_the_socket(tmp_path: Path) -> None:
+    """`python -m speech` (the container command) speaks the wire protocol end to end."""
+    data = _speech()
+    audio = np.concatenate([_silence(0.3), read_wav(data / GOFORWARD), _silence(0.8)])
+    path = tmp_path / "task.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+        server.settimeout(60)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "speech"],
+            env={
+                "PYTHONPATH": str(REPO / "tasks"),
+                "CTXROBOT_SOCKET": str(path),
+                "CTXROBOT_TASK_CONFIG": json.dumps({"engine": "pocketsphinx", "mode": "command"}),
+            },
+        )
+        try:
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(60)
+                hello, _ = protocol.recv(conn)
+                assert hello["type"] == "hello" and hello["task"] == "speech"
+                results = []
+                for sample in _samples(audio, "ps_goforward.wav"):
+                    protocol.send(conn, sample.header(), sample.payload)
+                    results.append(protocol.recv(conn)[0])
+                protocol.send(conn, {"type": "end"})
+                bye, _ = protocol.recv(conn)
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    [done] = [r for r in results if r["result"]["utterance"]]
+    assert done["result"]["utterance"] == "go forward ten meters"
+    latency_ms = 1000 * (done["t_end"] - done["t_sensor"])
+    print(f"\nover the socket: utterance result {latency_ms:.0f} ms after its chunk was sent")
+    assert (
+        bye["type"] == "bye"
+        and bye["summary"]["utterances"][0]["text"] == done["result"]["utterance"]
+    )
