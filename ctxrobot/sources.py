@@ -1,0 +1,341 @@
+"""Replay sources: recorded sensor logs played back on the monotonic clock.
+
+Each source turns its part of a scenario into a *timeline* of ticks before the clock
+starts (all file reading and decoding happens up front, so playback has no disk jitter).
+One `ScenarioPlayer` thread merges the timelines and fires each tick at its time: it
+publishes the tick's sensor summary on the bus (for context) and hands the full sample to
+the tasks that read that source. A sample's `t_sensor` is the moment it was fired, which
+is what a live driver would stamp.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctxrobot.bus import EventBus
+from ctxrobot.events import AudioLevel, CameraFrame, LaserScan, Odometry
+from ctxtask.datasets.laser import LaserDataset, load_laser_dataset
+from ctxtask.datasets.signs import camera_frame
+from ctxtask.datasets.speech import read_wav
+from ctxtask.protocol import Sample
+
+log = logging.getLogger(__name__)
+
+Deliver = Callable[[str, Sample], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """One sensor reading due `offset_s` after the start of playback."""
+
+    offset_s: float
+    source: str
+    fire: Callable[[float, int], Fired]
+    # fire(t_now, sample_id) -> what to publish on the bus and the sample for the tasks
+
+
+@dataclass(frozen=True, slots=True)
+class Fired:
+    events: tuple[tuple[str, object], ...]  # (topic, event) pairs, published in order
+    sample: Sample
+
+
+VELOCITY_WINDOW_S = 0.5
+
+
+def pose_velocities(
+    odometry: np.ndarray, stamps: np.ndarray, window_s: float = VELOCITY_WINDOW_S
+) -> tuple[np.ndarray, np.ndarray]:
+    """Forward speed (m/s) and turn rate (rad/s) at `stamps`, from odometry poses.
+
+    Derived from the poses over the last `window_s`, not from the logs' velocity columns:
+    not every log fills them (the Intel log's tv/rv are all zero), while every log has
+    poses. Columns of `odometry`: t, x, y, theta, …
+    """
+    t, x, y = odometry[:, 0], odometry[:, 1], odometry[:, 2]
+    theta = np.unwrap(odometry[:, 3])
+    before = stamps - window_s
+    dx = np.interp(stamps, t, x) - np.interp(before, t, x)
+    dy = np.interp(stamps, t, y) - np.interp(before, t, y)
+    dtheta = np.interp(stamps, t, theta) - np.interp(before, t, theta)
+    return np.hypot(dx, dy) / window_s, dtheta / window_s
+
+
+class LaserReplay:
+    """A laser + odometry log (`slam/intel` layout) replayed at its recorded rate × speed."""
+
+    def __init__(self, name: str, folder: Path, start_s: float = 0.0, speed: float = 1.0) -> None:
+        self.name = name
+        self.folder = folder
+        self.start_s = start_s
+        self.speed = speed
+        self.dataset: LaserDataset | None = None
+
+    def timeline(self, duration_s: float) -> Iterator[Tick]:
+        ds = self.dataset = load_laser_dataset(self.folder)
+        geo = ds.geometry
+        t_first = float(ds.stamps[0]) + self.start_s
+        v, w = pose_velocities(ds.odometry, ds.stamps)
+        beams = ds.ranges.shape[1]
+        for i in np.flatnonzero(ds.stamps >= t_first):
+            offset = (float(ds.stamps[i]) - t_first) / self.speed
+            if offset > duration_s:
+                break
+            ranges = ds.ranges[i]
+            valid = ranges[(ranges > 0.0) & (ranges < geo.max_valid_range)]
+            min_range = float(valid.min()) if valid.size else math.inf
+            odom = [float(x) for x in ds.odom_at_scans[i]]
+            meta = {
+                "angle_min": geo.angle_min,
+                "angle_increment": geo.angle_increment,
+                "max_range": geo.max_valid_range,
+                "odom": odom,
+                "t_log": float(ds.stamps[i]),
+                "beams": beams,
+            }
+            payload = ranges.astype("<f4").tobytes()
+            vi, wi = float(v[i]), float(w[i])
+
+            def fire(
+                now: float,
+                sid: int,
+                odom: list[float] = odom,
+                vi: float = vi,
+                wi: float = wi,
+                meta: dict[str, Any] = meta,
+                payload: bytes = payload,
+                min_range: float = min_range,
+            ) -> Fired:
+                # Odometry feeds the motion context, the scan summary the obstacle context.
+                return Fired(
+                    (
+                        ("sensor.odometry", Odometry(self.name, now, *odom, v=vi, w=wi)),
+                        ("sensor.scan", LaserScan(self.name, now, min_range)),
+                    ),
+                    Sample(sid, now, "scan", meta, payload),
+                )
+
+            yield Tick(offset, self.name, fire)
+
+
+class CameraReplay:
+    """Still photos played as a camera stream: idle street scenes, scheduled signs."""
+
+    def __init__(
+        self,
+        name: str,
+        fps: float,
+        size: tuple[int, int],
+        idle_images: Sequence[Path],
+        shows: Sequence[tuple[float, Path, float]],
+    ) -> None:
+        self.name = name
+        self.fps = fps
+        self.size = size
+        self.idle_images = list(idle_images)
+        self.shows = sorted(shows)  # (at_s, image, hold_s)
+        if not self.idle_images and not self.shows:
+            raise ValueError(f"camera source {name!r} has neither idle images nor shows")
+
+    def _image_at(self, t: float, frame_index: int) -> Path:
+        for at_s, image, hold_s in self.shows:
+            if at_s <= t < at_s + hold_s:
+                return image
+        if self.idle_images:
+            # Hold each idle scene for a second, like a robot driving past it.
+            per_scene = max(1, round(self.fps))
+            return self.idle_images[(frame_index // per_scene) % len(self.idle_images)]
+        return self.shows[0][1]
+
+    def timeline(self, duration_s: float) -> Iterator[Tick]:
+        frames: dict[Path, np.ndarray] = {}
+        payloads: dict[Path, bytes] = {}
+        activity: dict[tuple[Path, Path], float] = {}
+        previous: Path | None = None
+        n = int(duration_s * self.fps)
+        for k in range(n + 1):
+            offset = k / self.fps
+            path = self._image_at(offset, k)
+            if path not in frames:
+                frames[path] = camera_frame(path, self.size)
+                payloads[path] = frames[path].tobytes()
+            key = (previous or path, path)
+            if key not in activity:
+                diff = np.abs(frames[key[0]].astype(np.int16) - frames[path].astype(np.int16))
+                activity[key] = float(diff.mean() / 255.0)
+            act = activity[key]
+            meta = {"shape": list(frames[path].shape), "name": path.name}
+
+            def fire(
+                now: float,
+                sid: int,
+                act: float = act,
+                meta: dict[str, Any] = meta,
+                payload: bytes = payloads[path],
+            ) -> Fired:
+                return Fired(
+                    (("sensor.camera", CameraFrame(self.name, now, act)),),
+                    Sample(sid, now, "frame", meta, payload),
+                )
+
+            yield Tick(offset, self.name, fire)
+            previous = path
+
+
+class AudioReplay:
+    """Recorded utterances played into a microphone stream of fixed-size chunks.
+
+    Between utterances the stream carries silence, as a quiet room would: speech
+    recognisers and voice-activity detection must see the gaps, not only the speech.
+    """
+
+    def __init__(
+        self, name: str, chunk_ms: int, plays: Sequence[tuple[float, Path]], rate: int = 16000
+    ) -> None:
+        self.name = name
+        self.chunk_ms = chunk_ms
+        self.plays = sorted(plays)
+        self.rate = rate
+
+    def timeline(self, duration_s: float) -> Iterator[Tick]:
+        total = int(duration_s * self.rate)
+        stream = np.zeros(total, dtype=np.int16)
+        labels: list[tuple[int, int, str]] = []
+        for at_s, path in self.plays:
+            pcm = read_wav(path)
+            start = int(at_s * self.rate)
+            end = min(total, start + len(pcm))
+            if start >= total:
+                continue
+            stream[start:end] = pcm[: end - start]
+            labels.append((start, end, path.name))
+        chunk = int(self.rate * self.chunk_ms / 1000)
+        for begin in range(0, total - chunk + 1, chunk):
+            pcm = stream[begin : begin + chunk]
+            rms = float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2)))
+            rms_db = 20.0 * math.log10(max(rms, 1.0) / 32768.0)
+            utterance = next((name for s, e, name in labels if s <= begin < e), None)
+            meta = {"rate": self.rate, "utterance": utterance}
+            payload = pcm.astype("<i2").tobytes()
+
+            def fire(
+                now: float,
+                sid: int,
+                rms_db: float = rms_db,
+                meta: dict[str, Any] = meta,
+                payload: bytes = payload,
+            ) -> Fired:
+                return Fired(
+                    (("sensor.audio", AudioLevel(self.name, now, rms_db)),),
+                    Sample(sid, now, "audio", meta, payload),
+                )
+
+            # A chunk exists once its last sample was recorded.
+            yield Tick((begin + chunk) / self.rate, self.name, fire)
+
+
+Source = LaserReplay | CameraReplay | AudioReplay
+
+
+def build_sources(scenario: Any, data_dir: Path) -> list[Source]:
+    """Replay sources for a validated scenario (see `ctxrobot.manifest.Scenario`)."""
+
+    def resolve(path: str | Path) -> Path:
+        return Path(data_dir, path)
+
+    sources: list[Source] = []
+    for name, spec in scenario.sources.items():
+        if spec.kind == "laser_replay":
+            sources.append(LaserReplay(name, resolve(spec.log), spec.start_s, spec.speed))
+        elif spec.kind == "camera_replay":
+            idle: list[Path] = []
+            if spec.idle is not None:
+                idle = sorted(resolve(spec.idle.dir).glob(spec.idle.pattern))
+            shows = [(s.at_s, resolve(s.image), s.hold_s) for s in spec.show]
+            sources.append(CameraReplay(name, spec.fps, tuple(spec.size), idle, shows))
+        elif spec.kind == "audio_replay":
+            plays = [(p.at_s, resolve(p.file)) for p in spec.play]
+            sources.append(AudioReplay(name, spec.chunk_ms, plays))
+        else:
+            raise ValueError(f"source {name!r}: unknown kind {spec.kind!r}")
+    return sources
+
+
+class ScenarioPlayer:
+    """Fires every source's ticks at their times from one thread."""
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        duration_s: float,
+        bus: EventBus,
+        deliver: Deliver,
+        *,
+        loop: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`loop`: play the scenario again and again (the daemon replays until stopped)."""
+        self.duration_s = duration_s
+        self.loop = loop
+        self._bus = bus
+        self._deliver = deliver
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.fired = 0
+        self.late_ms_max = 0.0
+        # Merge lazily-built, already-sorted timelines; ties keep source order.
+        self._ticks: list[Tick] = list(
+            heapq.merge(*(s.timeline(duration_s) for s in sources), key=lambda t: t.offset_s)
+        )
+        self.counts: dict[str, int] = {}
+        for tick in self._ticks:
+            self.counts[tick.source] = self.counts.get(tick.source, 0) + 1
+
+    def start(self, t0: float) -> None:
+        self._thread = threading.Thread(target=self._run, args=(t0,), name="player", daemon=True)
+        self._thread.start()
+
+    def _run(self, t0: float) -> None:
+        # Sample ids keep counting across loops: every sample of a run has its own id.
+        next_id: dict[str, int] = {}
+        while True:
+            for tick in self._ticks:
+                due = t0 + tick.offset_s
+                while (wait := due - self._clock()) > 0:
+                    if self._stop.wait(min(wait, 0.05)):
+                        return
+                if self._stop.is_set():
+                    return
+                now = self._clock()
+                self.late_ms_max = max(self.late_ms_max, (now - due) * 1000.0)
+                sid = next_id.get(tick.source, 0)
+                next_id[tick.source] = sid + 1
+                fired = tick.fire(now, sid)
+                for topic, event in fired.events:
+                    self._bus.publish(topic, event)
+                self._deliver(tick.source, fired.sample)
+                self.fired += 1
+            if not self.loop:
+                return
+            t0 += self.duration_s
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout_s: float | None = None) -> bool:
+        """Wait for the end of playback; True when it finished (or was stopped)."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
