@@ -1,0 +1,588 @@
+"""The `ctxrobot` command line.
+
+Each subcommand is a thin handler: parse, call into the package, print, return an exit
+status (0 ok, 1 failed, 2 bad input). Heavy imports happen inside handlers so that
+`ctxrobot --help` and `ctxrobot validate` stay fast on a Pi.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("ctxrobot")
+
+
+def _default_config() -> Path:
+    return Path(__file__).resolve().parents[1] / "config" / "robot.yaml"
+
+
+def _load_manifest_or_report(path: Path) -> Any:
+    """The manifest, or None after printing every problem in it."""
+    from ctxrobot.manifest import ManifestError, load_manifest
+
+    try:
+        return load_manifest(path)
+    except ManifestError as err:
+        for problem in err.problems:
+            print(problem, file=sys.stderr)
+        return None
+    except FileNotFoundError:
+        print(f"{path}: no such file", file=sys.stderr)
+        return None
+
+
+# -- validate -----------------------------------------------------------------------------
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ctxrobot.manifest import validate_file
+
+    bad = 0
+    for path in args.paths:
+        problems = validate_file(Path(path))
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            bad += 1
+        else:
+            print(f"{path}: valid")
+    return EXIT_USAGE if bad else EXIT_OK
+
+
+# -- run ----------------------------------------------------------------------------------
+class _StopOnSignal:
+    """SIGINT/SIGTERM ask the runtime to stop; the run then ends like a normal one."""
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.signal = signum
+        log.warning("%s received: stopping", signal.Signals(signum).name)
+        self._stop()
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ctxrobot.runtime import RunFailed, RunOptions, Runtime
+    from ctxrobot.store import print_summary
+
+    manifest = _load_manifest_or_report(Path(args.config))
+    if manifest is None:
+        return EXIT_USAGE
+    if args.scenario:
+        manifest = _with_scenario(manifest, Path(args.scenario))
+        if manifest is None:
+            return EXIT_USAGE
+    only = tuple(args.only.split(",")) if args.only else None
+    unknown = sorted(set(only or ()) - {t.name for t in manifest.tasks})
+    if unknown:
+        print(f"ctxrobot run: --only names unknown task(s): {', '.join(unknown)}", file=sys.stderr)
+        return EXIT_USAGE
+    out = Path(args.out) if args.out else _default_run_dir()
+    runtime = Runtime(
+        manifest,
+        RunOptions(
+            out_dir=out,
+            policy=args.policy,
+            duration_s=args.duration,
+            metrics_port=args.metrics_port,
+            no_drop=args.no_drop,
+            only_tasks=only,
+            cpus=args.cpus,
+            memory_bytes=args.memory,
+        ),
+    )
+    status = EXIT_OK
+    summary = None
+    with _StopOnSignal(runtime.request_stop):
+        try:
+            runtime.start()
+            runtime.wait()
+        except RunFailed as err:
+            print(f"ctxrobot run: {err}", file=sys.stderr)
+            status = EXIT_FAILED
+        finally:
+            summary = runtime.stop()
+    if summary is not None:
+        if not args.json:
+            from rich.console import Console
+
+            print_summary(summary, Console())
+            print(f"run database: {out / 'run.db'}")
+        else:
+            print(json.dumps(summary))
+    return status
+
+
+def _with_scenario(manifest: Any, path: Path) -> Any:
+    """The manifest with another scenario, or None after printing why it does not fit."""
+    import dataclasses
+
+    from ctxrobot.manifest import ManifestError, load_scenario
+
+    try:
+        scenario = load_scenario(path, manifest.data_dir)
+    except ManifestError as err:
+        for problem in err.problems:
+            print(problem, file=sys.stderr)
+        return None
+    missing = sorted({t.input for t in manifest.tasks} - set(scenario.sources))
+    if missing:
+        print(
+            f"{path}: the manifest's tasks read source(s) {', '.join(missing)}, which this "
+            f"scenario does not define (it has: {', '.join(scenario.sources)})",
+            file=sys.stderr,
+        )
+        return None
+    return dataclasses.replace(manifest, scenario=scenario)
+
+
+def _memory_arg(text: str) -> int:
+    """`--memory 1Gi` → bytes, with the manifest's size syntax."""
+    from ctxrobot.manifest import _memory_bytes
+
+    try:
+        return int(_memory_bytes(text))  # type: ignore[call-overload]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _default_run_dir() -> Path:
+    import time
+
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+# -- daemon, ctl, dash ---------------------------------------------------------------------
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from ctxrobot.daemon import Daemon, DaemonOptions
+    from ctxrobot.runtime import RunFailed
+
+    config = Path(args.config)
+    if _load_manifest_or_report(config) is None:
+        return EXIT_USAGE
+    out = Path(args.out) if args.out else _default_run_dir()
+    try:
+        daemon = Daemon(
+            DaemonOptions(
+                config=config,
+                socket=Path(args.socket),
+                out_dir=out,
+                group=args.group,
+                policy=args.policy,
+                metrics_port=args.metrics_port,
+            )
+        )
+    except KeyError as err:
+        print(f"ctxrobot daemon: unknown group {err}; create it or pass --group", file=sys.stderr)
+        return EXIT_USAGE
+    with _StopOnSignal(daemon.request_stop):
+        try:
+            return daemon.serve()
+        except RunFailed as err:
+            print(f"ctxrobot daemon: {err}", file=sys.stderr)
+            return EXIT_FAILED
+
+
+def _parse_value(text: str) -> object:
+    """CLI override values: JSON when it parses (true, 0.5, "x"), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    from ctxrobot.control import ControlClient, ControlError
+
+    params: dict[str, Any] = {}
+    cmd = args.action
+    if cmd == "override":
+        pairs = [kv.partition("=") for kv in args.signals]
+        bad = [k for k, eq, _ in pairs if not eq]
+        if bad:
+            print(f"ctxrobot ctl override: expected NAME=VALUE, got {bad[0]!r}", file=sys.stderr)
+            return EXIT_USAGE
+        params["signals"] = {k: _parse_value(v) for k, _, v in pairs}
+    elif cmd == "clear-override":
+        cmd, params["clear"] = "override", True
+    elif cmd in ("stop", "start", "restart"):
+        cmd, params = "task", {"action": args.action, "name": args.task}
+    try:
+        with ControlClient(Path(args.socket)) as client:
+            result = client.call(cmd, **params)
+    except ControlError as err:
+        print(f"ctxrobot ctl: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(result, indent=None if args.json else 2))
+    return EXIT_OK
+
+
+def cmd_dash(args: argparse.Namespace) -> int:
+    from ctxrobot.control import ControlClient, ControlError
+    from ctxrobot.dash import run_dash, snapshot_text
+
+    client = ControlClient(Path(args.socket))
+    try:
+        status = client.call("status")
+    except ControlError as err:
+        print(f"ctxrobot dash: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(status))
+    elif args.once:
+        width = args.width or shutil.get_terminal_size((120, 40)).columns
+        print(snapshot_text(status, width=width))
+    else:
+        run_dash(lambda: client.call("status"), interval_s=args.interval)
+    client.close()
+    return EXIT_OK
+
+
+# -- ps -----------------------------------------------------------------------------------
+def cmd_ps(args: argparse.Namespace) -> int:
+    from ctxrobot.control import ControlClient, ControlError
+    from ctxrobot.inspect import container_rows
+
+    # The daemon's view when one runs (same rows, but only its own run); else Docker's.
+    try:
+        with ControlClient(Path(args.socket), timeout_s=2.0) as client:
+            rows = client.call("ps")
+    except ControlError:
+        rows = container_rows()
+    if args.json:
+        print(json.dumps(rows))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("task", "container", "run", "state", "weight", "cpu cap", "frozen")
+    for row in rows:
+        cap = "-" if row["share_cap"] is None else f"{row['share_cap']:.2f}"
+        table.add_row(
+            row["task"],
+            row["name"],
+            row["run"],
+            row["state"],
+            str(row["weight"] if row["weight"] is not None else "-"),
+            cap,
+            {True: "yes", False: "no", None: "-"}[row["frozen"]],
+        )
+    if rows:
+        Console().print(table)
+    else:
+        print("no ctxrobot containers")
+    return EXIT_OK
+
+
+# -- eval ---------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ctxrobot.evaluate import EvalError, evaluate_in_container
+
+    try:
+        return evaluate_in_container(
+            args.task, Path(args.dataset), json_output=args.json, extra=args.extra
+        )
+    except EvalError as err:
+        print(f"ctxrobot eval: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+# -- report / trace -----------------------------------------------------------------------
+def cmd_report(args: argparse.Namespace) -> int:
+    from ctxrobot.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "run.db").exists():
+        print(f"{run_dir}: no run.db here (give the --out folder of a run)", file=sys.stderr)
+        return EXIT_USAGE
+    for path in write_report(run_dir, Path(args.out) if args.out else run_dir):
+        print(path)
+    return EXIT_OK
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from ctxrobot.trace import write_trace
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "run.db").exists():
+        print(f"{run_dir}: no run.db here (give the --out folder of a run)", file=sys.stderr)
+        return EXIT_USAGE
+    out = Path(args.out) if args.out else run_dir / "trace.json"
+    print(write_trace(run_dir, out))
+    return EXIT_OK
+
+
+# -- parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctxrobot",
+        description=(
+            "Context-aware task runtime for small robots: runs perception tasks in "
+            "containers and re-shares the CPU among them when the robot's context changes."
+        ),
+        epilog="Run `ctxrobot COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "validate",
+        help="check manifests and scenarios; print FILE:LINE:COL for every problem",
+        description="Check robot manifests or scenario files. Exit 0 when all are valid, "
+        "2 otherwise, after printing every problem as FILE:LINE:COL: message.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="manifest or scenario YAML file")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "run",
+        help="run a robot manifest: start the task containers, replay the scenario, report",
+        description="Start the manifest's task containers, play its scenario, schedule the "
+        "CPU by context, and print a per-task latency summary. Containers are removed "
+        "at the end, on Ctrl-C, on SIGTERM and on errors.",
+    )
+    p.add_argument(
+        "--config",
+        default=str(_default_config()),
+        metavar="PATH",
+        help="robot manifest (default: config/robot.yaml)",
+    )
+    p.add_argument(
+        "--policy",
+        choices=["cfs", "static", "weights", "ctx"],
+        help="scheduling policy (default: the manifest's scheduler.policy)",
+    )
+    p.add_argument(
+        "--duration", type=float, metavar="S", help="stop after S seconds (default: scenario)"
+    )
+    p.add_argument("--out", metavar="DIR", help="run folder for run.db (default: runs/<time>)")
+    p.add_argument(
+        "--json", action="store_true", help="print the summary as one JSON line at the end"
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on 127.0.0.1:PORT",
+    )
+    p.add_argument("--scenario", metavar="PATH", help="replay this scenario instead")
+    p.add_argument("--only", metavar="TASKS", help="run only these tasks (comma-separated names)")
+    p.add_argument(
+        "--no-drop",
+        action="store_true",
+        help="never drop a sample: the run ends when every task has processed every input",
+    )
+    p.add_argument(
+        "--cpus",
+        type=float,
+        metavar="X",
+        help="confine all task containers to X CPUs (a parent cgroup), e.g. a Pi's envelope",
+    )
+    p.add_argument(
+        "--memory",
+        type=_memory_arg,
+        metavar="SIZE",
+        help="confine all task containers to SIZE of memory, e.g. 1Gi",
+    )
+    p.set_defaults(func=cmd_run)
+
+    from ctxrobot.control import default_socket
+
+    socket_help = (
+        f"daemon control socket (default: {default_socket()}; env CTXROBOT_CONTROL_SOCKET)"
+    )
+
+    p = sub.add_parser(
+        "daemon",
+        help="run the robot as a service with a control API (see config/systemd/)",
+        description="Run the manifest until stopped (the scenario replays in a loop), restart "
+        "crashed tasks with back-off, and serve a control API on a Unix socket (mode 0660, "
+        "owned by --group). SIGTERM/SIGINT: stop tasks, flush the run database, exit 0.",
+    )
+    p.add_argument(
+        "--config",
+        default=str(_default_config()),
+        metavar="PATH",
+        help="robot manifest (default: config/robot.yaml)",
+    )
+    p.add_argument("--socket", default=str(default_socket()), metavar="PATH", help=socket_help)
+    p.add_argument(
+        "--group",
+        metavar="GROUP",
+        help="group that may use the control socket (default: the daemon's own group)",
+    )
+    p.add_argument(
+        "--policy",
+        choices=["cfs", "static", "weights", "ctx"],
+        help="scheduling policy (default: the manifest's)",
+    )
+    p.add_argument("--out", metavar="DIR", help="run folder for run.db (default: runs/<time>)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on 127.0.0.1:PORT",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one JSON object per log line (for journald and log shippers)",
+    )
+    p.set_defaults(func=cmd_daemon)
+
+    p = sub.add_parser(
+        "ctl",
+        help="talk to a running daemon: status, context override, reload, task control",
+        description="Send one request to the daemon's control API and print the JSON answer.",
+    )
+    p.add_argument("--socket", default=str(default_socket()), metavar="PATH", help=socket_help)
+    p.add_argument("--json", action="store_true", help="compact JSON on one line")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("status", help="the full status document (tasks, context, actuation)")
+    actions.add_parser("context", help="current context signals, overrides and active rules")
+    o = actions.add_parser(
+        "override",
+        help="pin context signals, e.g. voice_active=true speed=0.5",
+        description="Pin context signals to values until cleared, to test a robot on the "
+        'bench. Values are JSON (true, 0.5, "moving") or plain strings.',
+    )
+    o.add_argument("signals", nargs="+", metavar="NAME=VALUE")
+    actions.add_parser("clear-override", help="remove every pinned signal")
+    actions.add_parser("reload", help="re-read the manifest's rules (tasks keep running)")
+    for verb in ("stop", "start", "restart"):
+        t = actions.add_parser(verb, help=f"{verb} one task's container")
+        t.add_argument("task", metavar="TASK")
+    actions.add_parser("ps", help="the daemon's containers")
+    actions.add_parser("shutdown", help="stop the daemon cleanly")
+    p.set_defaults(func=cmd_ctl)
+
+    p = sub.add_parser(
+        "dash",
+        help="live terminal dashboard of a running daemon",
+        description="Per task: state, criticality, CPU allocated vs used, latency "
+        "p50/p95/p99 with a sparkline, deadline misses, drops; context signals, active "
+        "rules and actuation latency. Keys: q quit, p pause, s sort, arrows/enter select.",
+    )
+    p.add_argument("--socket", default=str(default_socket()), metavar="PATH", help=socket_help)
+    p.add_argument("--once", action="store_true", help="print one plain-text snapshot and exit")
+    p.add_argument("--json", action="store_true", help="print one status document as JSON")
+    p.add_argument(
+        "--width",
+        type=int,
+        metavar="COLS",
+        help="snapshot width with --once (default: the terminal's)",
+    )
+    p.add_argument(
+        "--interval", type=float, default=0.25, metavar="S", help="refresh period (default 0.25)"
+    )
+    p.set_defaults(func=cmd_dash)
+
+    p = sub.add_parser(
+        "ps",
+        help="list ctxrobot containers with their state and CPU allocation",
+        description="List every container ctxrobot manages (found by label), with its "
+        "state and the CPU weight, cap and freeze state read from its cgroup. Asks the "
+        "daemon when one answers on --socket.",
+    )
+    p.add_argument("--socket", default=str(default_socket()), metavar="PATH", help=socket_help)
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+    p.set_defaults(func=cmd_ps)
+
+    p = sub.add_parser(
+        "eval",
+        help="run a task's evaluator in its container on a dataset folder",
+        description="Run TASK's evaluator inside its container, on DATASET mounted "
+        "read-only, pinned to one CPU, and print its metrics. Layouts: slam = "
+        "*_laser.txt.gz + *_odom.txt + laser.yaml [+ *.relations]; signs = images/ + "
+        "annotations/ (VOC) and/or Images/ + GT-*.csv; speech = audio/*.wav + transcripts.tsv.",
+    )
+    p.add_argument("task", choices=["slam", "signs", "speech"])
+    p.add_argument("dataset", metavar="DATASET_DIR")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object of metrics")
+    p.add_argument(
+        "extra",
+        nargs=argparse.REMAINDER,
+        metavar="-- ARGS",
+        help="extra arguments for the evaluator (after --), e.g. -- --max-scans 500",
+    )
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "report",
+        help="render PNG plots of a run",
+        description="Plot latency over time per task with context bands, stacked CPU "
+        "allocation, and the actuation-latency histogram of a run.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: RUN_DIR)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "trace",
+        help="export a run as a Chrome/Perfetto trace",
+        description="Write a trace-event JSON (open it in ui.perfetto.dev): one track per "
+        "task, samples as slices, context changes as instants.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="FILE", help="output file (default: RUN_DIR/trace.json)")
+    p.set_defaults(func=cmd_trace)
+
+    from ctxrobot.datafetch import add_data_parser
+
+    add_data_parser(sub)
+    return parser
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: journald and log shippers parse fields, not prose."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    if getattr(args, "log_format", "text") == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
+    if getattr(args, "extra", None) and args.extra[0] == "--":
+        args.extra = args.extra[1:]
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""One run of a robot manifest: containers, channels, context, scheduler, replay, database.
+
+`Runtime.start()` brings everything up in dependency order, `wait()` lets the scenario
+play, and `stop()` takes everything down in reverse, whatever happened before: it is
+called from a `finally`, and a guard process (`ctxrobot.guard`) covers the cases where no
+`finally` runs at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ctxrobot import guard
+from ctxrobot.actuator import Actuator, TaskAllocation
+from ctxrobot.bus import EventBus
+from ctxrobot.cgroups import CgroupError, CpuController, ParentCgroup
+from ctxrobot.channel import TaskChannel
+from ctxrobot.containers import BindMount, ContainerSpec, DockerBackend
+from ctxrobot.events import TaskStateChanged
+from ctxrobot.manifest import Manifest, TaskSpec
+from ctxrobot.sources import ScenarioPlayer, build_sources
+from ctxrobot.store import RunStore, allocated_shares, summarize
+from ctxtask.protocol import Sample
+
+log = logging.getLogger(__name__)
+
+TASK_UID = 10001  # the unprivileged user every task image runs as
+CONTAINER_SOCKET_DIR = "/run/ctxrobot"
+CONTAINER_DATA_DIR = "/data"
+
+
+@dataclass
+class RunOptions:
+    """What `ctxrobot run` (and `bench`) may change about a manifest's run."""
+
+    out_dir: Path
+    policy: str | None = None  # None: the manifest's scheduler.policy
+    duration_s: float | None = None  # None: the scenario's duration
+    no_drop: bool = False  # bench mode: every sample is processed, then the run ends
+    only_tasks: tuple[str, ...] | None = None  # bench `isolated`: run a subset
+    cpus: float | None = None  # confine all tasks to this many CPUs (parent cgroup)
+    memory_bytes: int | None = None
+    connect_timeout_s: float = 180.0  # model loading on a Pi takes a while
+    metrics_port: int | None = None
+    loop: bool = False  # the daemon replays its scenario until stopped
+
+
+class RunFailed(RuntimeError):
+    """A run could not start or a task failed during it."""
+
+
+class Runtime:
+    def __init__(self, manifest: Manifest, options: RunOptions) -> None:
+        self.manifest = manifest
+        self.options = options
+        self.policy_name = options.policy or manifest.scheduler.policy
+        tasks = manifest.tasks
+        if options.only_tasks is not None:
+            tasks = [t for t in tasks if t.name in options.only_tasks]
+        self.tasks: list[TaskSpec] = tasks
+        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        self.run_dir = options.out_dir
+        self.bus = EventBus()
+        self.ncpus = manifest.robot.cpus
+        self.channels: dict[str, TaskChannel] = {}
+        self.controllers: dict[str, CpuController] = {}
+        self.container_names: dict[str, str] = {}
+        self.backend: DockerBackend | None = None
+        self.actuator: Actuator | None = None
+        self._cgroup_parent: str | None = None
+        self._last_allocation: dict[str, TaskAllocation] = {}
+        self.store: RunStore | None = None
+        self.player: ScenarioPlayer | None = None
+        self.scheduler: Any = None
+        self.parent: ParentCgroup | None = None
+        self._guard: Any = None
+        self._stop = threading.Event()
+        self._stopped = False
+        self._extra_stops: list[Callable[[], None]] = []
+        self.t0 = 0.0
+        self.t_play = 0.0
+        self._cpu_play = self._cpu_end = 0.0
+        self.t_end = 0.0
+        self.usage_listeners: list[Callable[[str, float], None]] = []
+        self.failure: str | None = None
+        self.task_summaries: dict[str, dict[str, object]] = {}
+
+    # -- bring-up ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bring the run up; on failure everything already started is taken down."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        scenario = self.manifest.scenario
+        duration = self.options.duration_s or scenario.duration_s
+        # Replay data are read and decoded before anything starts: no disk I/O while playing.
+        sources = build_sources(scenario, self.manifest.data_dir)
+        self.player = ScenarioPlayer(
+            sources, duration, self.bus, self._deliver, loop=self.options.loop
+        )
+        # The run's clock origin: everything in run.db is relative to it. Playback starts
+        # later, once every task has connected (`t_play`).
+        self.t0 = time.monotonic()
+        self.store = RunStore.create(
+            self.run_dir,
+            run_id=self.run_id,
+            t0=self.t0,
+            policy=self.policy_name,
+            manifest_path=str(self.manifest.path),
+            scenario_path=str(scenario.path),
+            ncpus=self.ncpus,
+            tasks=[
+                (t.name, t.image, t.deadline_ms, t.resources.cpu_min, t.resources.cpu_max)
+                for t in self.tasks
+            ],
+        )
+        self.store.attach(self.bus)
+        self.backend = DockerBackend()
+        stale = self.backend.cleanup()
+        if stale:
+            log.warning("removed containers left by a previous instance: %s", ", ".join(stale))
+        self._guard = guard.spawn(self.run_id)
+        self._cgroup_parent = self._make_parent()
+        for spec in self.tasks:
+            self._start_task(spec)
+        for spec in self.tasks:
+            self._await_task(spec)
+        self.actuator = Actuator(self.controllers, self.ncpus)
+        self._start_scheduler(self.actuator)
+        self._start_metrics()
+        self._start_usage_sampler()
+        self.t_play = time.monotonic()
+        self._cpu_play = _own_cpu_s()
+        self.player.start(self.t_play)
+        log.info(
+            "run %s started: %d task(s), policy %s", self.run_id, len(self.tasks), self.policy_name
+        )
+
+    def _make_parent(self) -> str | None:
+        """A parent cgroup holding every task container, optionally with an envelope."""
+        if self.options.cpus is None and self.options.memory_bytes is None:
+            return None
+        self.parent = ParentCgroup(f"ctxrobot-{self.run_id}")
+        self.parent.create()
+        self.parent.set_cpus(self.options.cpus)
+        self.parent.set_memory(self.options.memory_bytes)
+        return self.parent.docker_parent
+
+    def _start_task(self, spec: TaskSpec) -> None:
+        assert self.backend is not None
+        channel = TaskChannel(
+            spec.name,
+            self.run_dir / "sockets" / spec.name,
+            self.bus,
+            queue_depth=spec.queue.depth,
+            overflow="block" if self.options.no_drop else spec.queue.overflow,
+        )
+        channel.listen(uid=TASK_UID)
+        self.channels[spec.name] = channel
+        mounts = [
+            BindMount(channel.socket_dir, CONTAINER_SOCKET_DIR, read_only=False),
+            BindMount(self.manifest.data_dir, CONTAINER_DATA_DIR, read_only=True),
+            *(BindMount(m.source, m.target, m.read_only) for m in spec.mounts),
+        ]
+        config = dict(spec.config)
+        env = {
+            **spec.env,
+            "CTXROBOT_TASK_CONFIG": json.dumps(config),
+            "CTXROBOT_DATA": CONTAINER_DATA_DIR,
+            "CTXROBOT_SOCKET": f"{CONTAINER_SOCKET_DIR}/task.sock",
+            "CTXROBOT_CONNECT_TIMEOUT": str(self.options.connect_timeout_s),
+        }
+        name = f"ctxrobot-{self.run_id}-{spec.name}"
+        self.backend.create_and_start(
+            ContainerSpec(
+                name=name,
+                image=spec.image,
+                task=spec.name,
+                run_id=self.run_id,
+                command=list(spec.command) if spec.command else None,
+                env=env,
+                mounts=tuple(mounts),
+                memory_bytes=spec.resources.memory,
+                cgroup_parent=self._cgroup_parent,
+            )
+        )
+        self.container_names[spec.name] = name
+        self._publish_state(spec.name, "starting")
+
+    def _container_alive(self, task: str) -> bool:
+        assert self.backend is not None
+        container = self.backend.get(self.container_names[task])
+        if container is None:
+            return False
+        container.reload()
+        return container.status in ("created", "running")
+
+    def _await_task(self, spec: TaskSpec) -> None:
+        """Wait for the task's hello; a task that dies first fails the run with its logs."""
+        assert self.backend is not None
+        try:
+            self.channels[spec.name].accept(
+                self.options.connect_timeout_s, alive=lambda: self._container_alive(spec.name)
+            )
+        except (RuntimeError, TimeoutError) as exc:
+            raise RunFailed(f"{exc}\n{self._logs_tail(spec.name)}") from exc
+        self.controllers[spec.name] = self.backend.controller_for(self.container_names[spec.name])
+        self._publish_state(spec.name, "running")
+
+    def _logs_tail(self, task: str, lines: int = 20) -> str:
+        assert self.backend is not None
+        container = self.backend.get(self.container_names[task])
+        if container is None:
+            return f"(container of task {task!r} is gone)"
+        text = container.logs(tail=lines).decode(errors="replace").rstrip()
+        return f"last {lines} log lines of task {task!r}:\n{text}"
+
+    def _start_scheduler(self, actuator: Actuator) -> None:
+        from ctxrobot.scheduler import build_scheduler
+
+        self.scheduler = build_scheduler(
+            self.manifest,
+            self.policy_name,
+            self.bus,
+            _RuntimeActuator(actuator, self.channels),
+            tasks=[t.name for t in self.tasks],
+            controllers=self.controllers,
+            ncpus=self.ncpus,
+        )
+        self.scheduler.start()
+
+    # -- one task at a time (daemon: restarts, `ctxrobot ctl task`) ---------------------------
+    def task_spec(self, name: str) -> TaskSpec:
+        for spec in self.tasks:
+            if spec.name == name:
+                return spec
+        known = ", ".join(t.name for t in self.tasks)
+        raise KeyError(f"no task {name!r}; tasks: {known}")
+
+    def stop_task(self, name: str) -> None:
+        """Stop one task's container; the others keep running."""
+        spec = self.task_spec(name)
+        assert self.backend is not None
+        if self.actuator is not None:
+            if (applied := self.actuator.applied(name)) is not None:
+                self._last_allocation[name] = applied
+            self.actuator.detach(name)
+        self.controllers.pop(name, None)
+        channel = self.channels.pop(name, None)
+        if channel is not None:
+            channel.close()
+        self.backend.remove(self.container_names[spec.name])
+        self._publish_state(name, "stopped")
+
+    def start_task(self, name: str) -> None:
+        """(Re)start one task's container and hand it to the scheduler again."""
+        spec = self.task_spec(name)
+        if name in self.channels:
+            raise RuntimeError(f"task {name!r} is running; stop or restart it")
+        self._start_task(spec)
+        self._await_task(spec)
+        if self.actuator is not None:
+            self.actuator.attach(name, self.controllers[name])
+            # A new container starts from Docker's defaults: give it back what the
+            # scheduler had decided, without waiting for the next context change.
+            if (previous := self._last_allocation.pop(name, None)) is not None:
+                self.actuator.apply({name: previous})
+
+    def restart_task(self, name: str) -> None:
+        self.stop_task(name)
+        self.start_task(name)
+
+    def failed_tasks(self) -> dict[str, str]:
+        """Tasks whose connection failed (the container died or misbehaved)."""
+        return {n: str(c.error) for n, c in self.channels.items() if c.error is not None}
+
+    def _start_metrics(self) -> None:
+        if self.options.metrics_port is None:
+            return
+        from ctxrobot.metrics import MetricsExporter
+
+        exporter = MetricsExporter(
+            self.bus, deadlines_ms={t.name: t.deadline_ms for t in self.tasks}
+        )
+        port = exporter.serve(self.options.metrics_port)
+        log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", port)
+        self.usage_listeners.append(exporter.record_usage)
+        self._extra_stops.append(exporter.close)
+
+    def _start_usage_sampler(self) -> None:
+        sampler = UsageSampler(self, USAGE_PERIOD_S)
+        sampler.start()
+        self._extra_stops.insert(0, sampler.stop)
+
+    # -- running ----------------------------------------------------------------------------
+    def _deliver(self, source: str, sample: Sample) -> None:
+        for spec in self.tasks:
+            if spec.input == source and (channel := self.channels.get(spec.name)) is not None:
+                channel.offer(sample)
+
+    def _publish_state(self, task: str, state: str, detail: str = "") -> None:
+        self.bus.publish("task.state", TaskStateChanged(time.monotonic(), task, state, detail))
+
+    def request_stop(self) -> None:
+        """Ask `wait()` to return early (signal handlers call this)."""
+        self._stop.set()
+
+    def wait(self) -> None:
+        """Until the scenario ends (and, without dropping, every sample is processed)."""
+        assert self.player is not None
+        while not self._stop.is_set():
+            if self.player.join(0.2):
+                break
+            self._check_tasks()
+        if self.options.no_drop and not self._stop.is_set():
+            for name, channel in self.channels.items():
+                while not self._stop.is_set() and not channel.wait_idle(0.2):
+                    self._check_tasks()
+                log.info("task %s processed all %d samples", name, channel.received)
+        self._check_tasks()
+        self.t_end = time.monotonic()
+        self._cpu_end = _own_cpu_s()
+
+    def _check_tasks(self) -> None:
+        failed = self.failed_tasks()
+        if failed:
+            task, error = next(iter(failed.items()))
+            self.failure = f"task {task!r} failed: {error}\n{self._logs_tail(task)}"
+            raise RunFailed(self.failure)
+
+    def _run_figures(self) -> dict[str, Any]:
+        """Whole-run figures the benchmark compares across policies."""
+        played = self.t_play > 0
+        wall = self.t_end - self.t_play if played else 0.0
+        cpu = self._cpu_end - self._cpu_play if played else 0.0
+        return {
+            # Playback start until the run ended; without dropping, until every task had
+            # processed every sample.
+            "total_time_s": wall,
+            "scenario_s": self.player.duration_s if self.player else None,
+            "runtime_cpu_s": cpu,
+            "overhead_cpu_pct": 100.0 * cpu / wall if wall > 0 else None,
+            "no_drop": self.options.no_drop,
+            "inputs": dict(self.player.counts) if self.player else {},
+            "failure": self.failure,
+        }
+
+    # -- take-down --------------------------------------------------------------------------
+    def stop(self) -> dict[str, Any] | None:
+        """Take everything down (idempotent); return the run summary when there is one."""
+        if self._stopped:
+            return None
+        self._stopped = True
+        if not self.t_end:
+            self.t_end = time.monotonic()
+            self._cpu_end = _own_cpu_s()
+        if self.player is not None:
+            self.player.stop()
+        for name, channel in self.channels.items():
+            self.task_summaries[name] = channel.finish(timeout_s=10.0)
+        if self.scheduler is not None:
+            self.scheduler.stop()  # thaws everything it froze
+        for stop in self._extra_stops:
+            stop()
+        if self.backend is not None:
+            self.backend.cleanup(self.run_id)
+        if self.parent is not None:
+            self.parent.remove()
+        if self._guard is not None:
+            guard.release(self._guard)
+        summary = None
+        if self.store is not None:
+            self.bus.drain(10.0)
+            duration = self.t_end - self.t0
+            extra = self._run_figures()
+            self.store.close(duration, {"task_summaries": self.task_summaries, **extra})
+            summary = {**summarize(self.store.path), **extra}
+        self.bus.close()
+        return summary
+
+
+USAGE_PERIOD_S = 0.5
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds this process (the runtime, all its threads) has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class UsageSampler(threading.Thread):
+    """Measured CPU use per task from cgroup accounting, for the record and the dashboard.
+
+    Polling is fine here: this is observation, not actuation (the scheduler reacts to
+    events, never to this thread).
+    """
+
+    def __init__(self, runtime: Runtime, period_s: float) -> None:
+        super().__init__(name="usage", daemon=True)
+        self.runtime = runtime
+        self.period_s = period_s
+        self._halt = threading.Event()
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def run(self) -> None:
+        rt = self.runtime
+        while not self._halt.wait(self.period_s):
+            now = time.monotonic()
+            allocated: dict[str, float] = {}
+            if rt.actuator is not None:
+                applied = {t: a for t in rt.actuator.tasks if (a := rt.actuator.applied(t))}
+                allocated = allocated_shares(applied)
+            for task, controller in list(rt.controllers.items()):
+                try:
+                    ns = controller.usage_ns()
+                except (CgroupError, OSError):
+                    continue  # the container is being restarted
+                before = self._last.get(task)
+                self._last[task] = (now, ns)
+                if before is None or now <= before[0]:
+                    continue
+                used = (ns - before[1]) / ((now - before[0]) * 1e9 * rt.ncpus)
+                if rt.store is not None:
+                    rt.store.record_usage(now, task, used, allocated.get(task, 1.0))
+                for listener in rt.usage_listeners:
+                    listener(task, used)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(2.0)
+
+
+class _RuntimeActuator:
+    """The actuator the scheduler drives: cgroups via the fast path, rates via the sockets."""
+
+    def __init__(self, cgroups: Actuator, channels: Mapping[str, TaskChannel]) -> None:
+        self.cgroups = cgroups
+        self.channels = channels
+
+    def apply(self, allocation: Mapping[str, TaskAllocation]) -> Any:
+        # A task being restarted has no container for a moment; it gets its allocation
+        # when it is attached again.
+        live = {t: a for t, a in allocation.items() if t in self.cgroups.tasks}
+        report = self.cgroups.apply(live)
+        for task, alloc in live.items():
+            if (channel := self.channels.get(task)) is not None:
+                channel.set_rate(alloc.rate_hz)
+        return report
+
+    def thaw_all(self) -> list[str]:
+        return self.cgroups.thaw_all()
+
+    def applied(self, task: str) -> TaskAllocation | None:
+        return self.cgroups.applied(task)

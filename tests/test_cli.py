@@ -1,0 +1,102 @@
+"""The `ctxrobot` command line as a user runs it: a real subprocess, real files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COMMANDS = ["validate", "run", "ps", "eval", "report", "trace", "daemon", "ctl", "dash", "data"]
+
+
+def ctxrobot(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ctxrobot.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def test_help_lists_every_command() -> None:
+    proc = ctxrobot("--help")
+    assert proc.returncode == 0
+    for command in COMMANDS:
+        assert command in proc.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    proc = ctxrobot(command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: ctxrobot {command}")
+
+
+def test_validate_accepts_the_shipped_configs() -> None:
+    configs = [
+        "config/robot.yaml",
+        *sorted(str(p.relative_to(REPO)) for p in (REPO / "config/examples").glob("*.yaml")),
+        *sorted(str(p.relative_to(REPO)) for p in (REPO / "config/scenarios").glob("*.yaml")),
+    ]
+    proc = ctxrobot("validate", *configs)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(": valid") == len(configs)
+
+
+def test_validate_reports_file_line_col_and_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "robot.yaml"
+    bad.write_text(
+        "version: 1\n"
+        "robot: {name: r}\n"
+        "tasks:\n"
+        "  - name: slam\n"
+        "    image: ctxrobot/slam\n"
+        "    deadlin_ms: 100\n"
+    )
+    proc = ctxrobot("validate", str(bad))
+    assert proc.returncode == 2
+    assert f"{bad}:6:5:" in proc.stderr
+    assert "deadline_ms" in proc.stderr  # the did-you-mean
+
+
+def test_validate_missing_file_exits_2(tmp_path: Path) -> None:
+    proc = ctxrobot("validate", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2
+    assert "nope.yaml" in proc.stderr
+
+
+def test_run_refuses_an_invalid_manifest_before_touching_docker(tmp_path: Path) -> None:
+    bad = tmp_path / "robot.yaml"
+    bad.write_text("version: 1\ntasks: 3\n")
+    proc = ctxrobot("run", "--config", str(bad), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    assert f"{bad}:2:" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctl_without_a_daemon_says_how_to_start_one(tmp_path: Path) -> None:
+    proc = ctxrobot("ctl", "--socket", str(tmp_path / "none.sock"), "status")
+    assert proc.returncode == 1
+    assert "ctxrobot daemon" in proc.stderr
+
+
+def test_ctl_override_needs_name_equals_value(tmp_path: Path) -> None:
+    proc = ctxrobot("ctl", "--socket", str(tmp_path / "none.sock"), "override", "speed")
+    assert proc.returncode == 2
+    assert "NAME=VALUE" in proc.stderr
+
+
+def test_report_of_a_folder_without_a_run(tmp_path: Path) -> None:
+    proc = ctxrobot("report", str(tmp_path))
+    assert proc.returncode == 2
+    assert "no run.db" in proc.stderr
+
+
+def test_eval_of_a_missing_folder(tmp_path: Path) -> None:
+    proc = ctxrobot("eval", "slam", str(tmp_path / "missing"))
+    assert proc.returncode == 2
+    assert "not a folder" in proc.stderr
