@@ -47,6 +47,16 @@ class EventBus:
         self.dropped: collections.Counter[str] = collections.Counter()
         self.published: collections.Counter[str] = collections.Counter()
 
+    @property
+    def delivery_lock(self) -> threading.RLock:
+        """The re-entrant lock inline deliveries run under.
+
+        Work that does not come from a publish (timers, operator overrides) holds it to be
+        ordered with inline deliveries, and so takes locks in the same order they do:
+        bus first, then the component's own.
+        """
+        return self._lock
+
     def _subject(self, topic: str) -> Subject[Any]:
         try:
             return self._subjects[topic]

@@ -431,7 +431,7 @@ class RuleBook:
                 is_active = True
             elif was_active:
                 since = self._false_since.setdefault(spec.name, now)
-                is_active = now - since < spec.hold_s
+                is_active = now < since + spec.hold_s
                 if is_active:
                     end = since + spec.hold_s
                     expires_at = end if expires_at is None else min(expires_at, end)

@@ -1,0 +1,394 @@
+"""CPU allocation policies: state in, decisions out.
+
+A policy is a small object with one job: given the current context, each task's state and
+the time, say what every task's CPU allocation should be. Policies do no I/O and never
+read a clock (``now`` is passed in), so each one is unit-tested as a pure function and runs
+the same under a virtual-time scheduler; the :mod:`ctxrobot.scheduler` decides *when* to
+ask, the :mod:`ctxrobot.actuator` does the writing.
+
+Four policies, all on the vocabulary of ARCHITECTURE.md ("share" is a fraction of the
+whole machine):
+
+- ``cfs``: the stock Linux scheduler, the baseline: touch nothing.
+- ``static``: the manifest's weights and caps, whatever the context.
+- ``weights``: the published prototype (Hadidi et al., EDGE 2023): each task's context
+  weight normalised to a CPU fraction, re-applied every period (100 ms).
+- ``ctx`` (the default): event-driven guarantees for critical tasks, see :class:`CtxPolicy`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ctxrobot.actuator import TaskAllocation
+from ctxrobot.rules import TaskDirective
+
+__all__ = [
+    "POLICIES",
+    "SLACK_RELEASE_THRESHOLD",
+    "WEIGHTS_MIN_FRACTION",
+    "CfsPolicy",
+    "CtxPolicy",
+    "Policy",
+    "StaticPolicy",
+    "TaskState",
+    "WeightsPolicy",
+    "feedback_direction",
+    "make_policy",
+]
+
+# Allocations are compared for equality to skip no-op writes, and shares end up as
+# microsecond quotas: rounding to 1e-4 of the machine (100 µs per 1 s of 1 CPU) keeps
+# floating-point noise from looking like a change without losing anything the kernel sees.
+_SHARE_DIGITS = 4
+_EPS = 1e-9
+_MAX_WEIGHT = 10_000
+
+#: A critical task gives share back only when even its slowest result in the feedback window
+#: left at least this fraction of its deadline unused: releasing on a thinner margin would
+#: trade one window's saving for the next window's misses.
+SLACK_RELEASE_THRESHOLD = 0.5
+
+#: The smallest fraction the ``weights`` policy gives a task (1 % of the machine).
+WEIGHTS_MIN_FRACTION = 0.01
+
+#: The policies a manifest's ``scheduler.policy`` may name.
+POLICIES = ("cfs", "static", "weights", "ctx")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskState:
+    """What a policy knows about one task.
+
+    Bounds come from the manifest (``cpu_min``/``cpu_max`` are machine fractions);
+    ``directive`` is the merged demand of the active rules; ``demand`` is the machine
+    fraction the task used over the last measurement window (None before the first one);
+    ``results``/``misses``/``worst_slack`` summarise the deadline-feedback window
+    (``worst_slack`` = min over results of ``1 − latency/deadline``, negative on a miss);
+    ``frozen_since``/``thawed_at`` are when the task's current freeze began and when its
+    last freeze ended (None if it never was).
+    """
+
+    name: str
+    cpu_min: float
+    cpu_max: float
+    weight: int = 100
+    max_freeze_s: float | None = None
+    deadline_s: float | None = None
+    directive: TaskDirective = field(default_factory=TaskDirective)
+    demand: float | None = None
+    results: int = 0
+    misses: int = 0
+    worst_slack: float | None = None
+    frozen_since: float | None = None
+    thawed_at: float | None = None
+
+    @property
+    def ceiling(self) -> float:
+        """The effective cap: the tighter of the manifest's and the rules', never below
+        ``cpu_min`` (the starvation guard outranks a rule's cap)."""
+        cap = self.cpu_max if self.directive.cpu_max is None else self.directive.cpu_max
+        return max(self.cpu_min, min(self.cpu_max, cap))
+
+    @property
+    def context_weight(self) -> int:
+        return self.weight if self.directive.weight is None else self.directive.weight
+
+
+class Policy(Protocol):
+    """A CPU allocation policy.
+
+    ``period_s``: how often the scheduler re-applies it (None: only when something changes).
+    ``allocate`` returns the allocation for the tasks it wants to set; tasks it leaves out
+    are not touched. ``wake_at`` is the earliest time at which ``allocate`` would answer
+    differently with no new input (a freeze running out), so an event-driven scheduler
+    needs no periodic timer; None when nothing is pending.
+    """
+
+    name: str
+    period_s: float | None
+
+    def allocate(
+        self, context: Mapping[str, object], tasks: Mapping[str, TaskState], now: float
+    ) -> dict[str, TaskAllocation]: ...
+
+    def wake_at(self, tasks: Mapping[str, TaskState], now: float) -> float | None: ...
+
+
+def _cap(share: float) -> float | None:
+    """A share as a cap: a cap of the whole machine is no cap at all."""
+    return None if share >= 1.0 - _EPS else round(share, _SHARE_DIGITS)
+
+
+class CfsPolicy:
+    """The baseline: leave everything to the stock Linux scheduler."""
+
+    name = "cfs"
+    period_s: float | None = None
+
+    def allocate(
+        self, context: Mapping[str, object], tasks: Mapping[str, TaskState], now: float
+    ) -> dict[str, TaskAllocation]:
+        return {}
+
+    def wake_at(self, tasks: Mapping[str, TaskState], now: float) -> float | None:
+        return None
+
+
+class StaticPolicy:
+    """The manifest's weights and caps, blind to context: what a careful integrator would
+    configure once with ``docker run --cpu-shares --cpus``."""
+
+    name = "static"
+    period_s: float | None = None
+
+    def allocate(
+        self, context: Mapping[str, object], tasks: Mapping[str, TaskState], now: float
+    ) -> dict[str, TaskAllocation]:
+        return {
+            name: TaskAllocation(weight=t.weight, share_cap=_cap(t.cpu_max))
+            for name, t in tasks.items()
+        }
+
+    def wake_at(self, tasks: Mapping[str, TaskState], now: float) -> float | None:
+        return None
+
+
+class WeightsPolicy:
+    """The published prototype's method, reproduced as the comparison point.
+
+    The context sets each task's CPU fraction: a task an active rule gives a ``share`` gets
+    that fraction (all such shares scaled down together if they exceed the machine); the
+    others split the rest in proportion to their context weight (the rules' ``weight``,
+    else the manifest's). Each fraction is applied as both cap and weight (the prototype's
+    ``docker update --cpus --cpu-shares``), re-applied every ``period_s`` whether or not
+    anything changed. No minimums, no freezing, no rates: that is the method compared. The
+    one guard is a floor of :data:`WEIGHTS_MIN_FRACTION`: a zero quota means "unlimited" to
+    Docker and the kernel alike.
+    """
+
+    name = "weights"
+
+    def __init__(self, period_s: float = 0.1) -> None:
+        if period_s <= 0:
+            raise ValueError(f"period_s must be positive, got {period_s}")
+        self.period_s: float | None = period_s
+
+    def allocate(
+        self, context: Mapping[str, object], tasks: Mapping[str, TaskState], now: float
+    ) -> dict[str, TaskAllocation]:
+        claimed = {n: t.directive.share for n, t in tasks.items() if t.directive.share is not None}
+        total = sum(claimed.values())
+        scale = 1.0 / total if total > 1.0 else 1.0
+        rest = 1.0 - total * scale
+        others_weight = sum(t.context_weight for n, t in tasks.items() if n not in claimed)
+        allocation: dict[str, TaskAllocation] = {}
+        for name, t in tasks.items():
+            share = claimed.get(name)
+            fraction = (
+                share * scale if share is not None else rest * t.context_weight / others_weight
+            )
+            fraction = max(fraction, WEIGHTS_MIN_FRACTION)
+            allocation[name] = TaskAllocation(
+                weight=min(_MAX_WEIGHT, max(1, round(fraction * 1000))), share_cap=_cap(fraction)
+            )
+        return allocation
+
+    def wake_at(self, tasks: Mapping[str, TaskState], now: float) -> float | None:
+        return None
+
+
+def feedback_direction(task: TaskState) -> int:
+    """+1 when the task missed a deadline in the feedback window, −1 when even its slowest
+    result left ample slack, 0 otherwise (no deadline, no results, or a thin margin)."""
+    if task.deadline_s is None or task.results == 0:
+        return 0
+    if task.misses > 0:
+        return 1
+    if task.worst_slack is not None and task.worst_slack >= SLACK_RELEASE_THRESHOLD:
+        return -1
+    return 0
+
+
+class CtxPolicy:
+    """Context-aware, event-driven allocation (ours).
+
+    With no critical task, every task runs under its context weight and its cap. When the
+    active rules make tasks critical:
+
+    1. each critical task's **guarantee** is its rule ``share`` (at least ``cpu_min``, at most
+       its cap), plus ``miss_boost`` if it missed a deadline in the feedback window or minus
+       ``slack_release`` if it had ample slack;
+    2. the other tasks share the rest of the machine: each is **capped** (CFS quota) at a
+       weighted fair part of it, between its ``cpu_min`` and its cap, so the guarantee holds
+       however hard they spin; the critical tasks also get weights matching their guarantee,
+       so they win contention from anything we do not cap;
+    3. when even the others' minimums do not fit (**short**), the least important are
+       **frozen**, lowest weight first, until the rest fit at ``cpu_min`` or more;
+    4. **starvation guard**: no running task is ever below its ``cpu_min``; a task frozen for
+       ``max_freeze_s`` gets a ``thaw_s`` window at ``cpu_min`` before it may be frozen
+       again; if its minimum then does not fit beside the guarantees, the guarantees shrink
+       (never below their own ``cpu_min``) for that window;
+    5. ``rate_hz`` from the rules is passed through to every task.
+    """
+
+    name = "ctx"
+    period_s: float | None = None
+
+    def __init__(
+        self, miss_boost: float = 0.1, slack_release: float = 0.05, thaw_s: float = 0.5
+    ) -> None:
+        if miss_boost < 0 or slack_release < 0 or thaw_s <= 0:
+            raise ValueError("miss_boost and slack_release must be >= 0 and thaw_s > 0")
+        self.miss_boost = miss_boost
+        self.slack_release = slack_release
+        self.thaw_s = thaw_s
+
+    def guarantee(self, task: TaskState) -> float:
+        """A critical task's guaranteed share, deadline feedback included."""
+        base = task.cpu_min if task.directive.share is None else task.directive.share
+        step = {1: self.miss_boost, -1: -self.slack_release, 0: 0.0}[feedback_direction(task)]
+        return min(task.ceiling, max(task.cpu_min, base + step))
+
+    def _freezable(self, task: TaskState, now: float) -> bool:
+        # Compared as `now < start + limit`, the very sum wake_at returns: with
+        # `now - start < limit` float rounding could keep a task frozen at its wake-up time.
+        if task.frozen_since is not None:
+            limit = task.max_freeze_s
+            return limit is None or now < task.frozen_since + limit
+        return task.thawed_at is None or now >= task.thawed_at + self.thaw_s
+
+    def allocate(
+        self, context: Mapping[str, object], tasks: Mapping[str, TaskState], now: float
+    ) -> dict[str, TaskAllocation]:
+        critical = [t for t in tasks.values() if t.directive.critical]
+        others = [t for t in tasks.values() if not t.directive.critical]
+        if not critical:
+            return {
+                t.name: TaskAllocation(
+                    weight=t.context_weight,
+                    share_cap=_cap(t.ceiling),
+                    rate_hz=t.directive.rate_hz,
+                )
+                for t in others
+            }
+
+        guarantees = _fit({t.name: (t.cpu_min, self.guarantee(t)) for t in critical}, 1.0)
+        # Freeze the least important first; among equals, the one with the larger minimum
+        # (frees the most budget per freeze), then the bigger measured consumer.
+        candidates = sorted(
+            (t for t in others if self._freezable(t, now)),
+            key=lambda t: (t.context_weight, -t.cpu_min, -(t.demand or 0.0), t.name),
+        )
+        frozen: set[str] = set()
+        needed = sum(t.cpu_min for t in others)
+        for t in candidates:
+            if needed <= 1.0 - sum(guarantees.values()) + _EPS:
+                break
+            frozen.add(t.name)
+            needed -= t.cpu_min
+        running = [t for t in others if t.name not in frozen]
+        # Tasks the guard keeps running must fit: shrink the guarantees if they don't.
+        guarantees = _fit({t.name: (t.cpu_min, guarantees[t.name]) for t in critical}, 1.0 - needed)
+        budget = 1.0 - sum(guarantees.values())
+        shares = _water_fill(
+            budget, [(t.name, t.cpu_min, t.ceiling, t.context_weight) for t in running]
+        )
+
+        allocation: dict[str, TaskAllocation] = {}
+        others_weight = sum(t.context_weight for t in running)
+        for t in critical:
+            allocation[t.name] = TaskAllocation(
+                weight=_critical_weight(t, guarantees[t.name], budget, others_weight),
+                share_cap=_cap(t.ceiling),
+                rate_hz=t.directive.rate_hz,
+            )
+        for t in others:
+            is_frozen = t.name in frozen
+            allocation[t.name] = TaskAllocation(
+                weight=t.context_weight,
+                share_cap=_cap(t.cpu_min if is_frozen else shares[t.name]),
+                frozen=is_frozen,
+                rate_hz=t.directive.rate_hz,
+            )
+        return allocation
+
+    def wake_at(self, tasks: Mapping[str, TaskState], now: float) -> float | None:
+        times: list[float] = []
+        for t in tasks.values():
+            if t.frozen_since is not None and t.max_freeze_s is not None:
+                times.append(t.frozen_since + t.max_freeze_s)
+            elif t.thawed_at is not None:
+                times.append(t.thawed_at + self.thaw_s)
+        pending = [x for x in times if x > now]
+        return min(pending, default=None)
+
+
+def _fit(bounds: Mapping[str, tuple[float, float]], budget: float) -> dict[str, float]:
+    """Shrink wanted shares (``lo``, ``want``) so their sum fits ``budget``, taking from each
+    in proportion to its excess over ``lo``; never below ``lo`` even if that overflows."""
+    excess = sum(want - lo for lo, want in bounds.values())
+    overflow = sum(want for _, want in bounds.values()) - budget
+    if overflow <= _EPS or excess <= _EPS:
+        return {name: want for name, (_, want) in bounds.items()}
+    keep = max(0.0, 1.0 - overflow / excess)
+    return {name: lo + (want - lo) * keep for name, (lo, want) in bounds.items()}
+
+
+def _water_fill(budget: float, items: Iterable[tuple[str, float, float, int]]) -> dict[str, float]:
+    """Weighted max-min split of ``budget``: share_i = clamp(λ·w_i, lo_i, hi_i) with the
+    largest λ whose shares still fit. Everyone gets at least ``lo`` (the caller made sure
+    the minimums fit); when even the caps fit, everyone gets ``hi``."""
+    items = list(items)
+    if sum(hi for _, _, hi, _ in items) <= budget + _EPS:
+        return {name: hi for name, _, hi, _ in items}
+
+    def total(level: float) -> float:
+        return sum(min(hi, max(lo, level * w)) for _, lo, hi, w in items)
+
+    low, high = 0.0, max(hi / w for _, _, hi, w in items)
+    for _ in range(60):  # 60 halvings: λ to double precision
+        mid = (low + high) / 2
+        if total(mid) <= budget:
+            low = mid
+        else:
+            high = mid
+    return {name: min(hi, max(lo, low * w)) for name, lo, hi, w in items}
+
+
+def _critical_weight(task: TaskState, share: float, budget: float, others_weight: int) -> int:
+    """A weight that wins ``share`` of contended CPU: w = share · W_others / budget. With
+    every critical task weighted so, each gets w_i / (Σw_crit + W_others) = share_i when all
+    contend (guarantees and ``budget`` add up to the machine). With no other task running,
+    critical tasks contend only among themselves: w = share × 1000 splits the CPU in the
+    ratio of their guarantees. Never below the task's own context weight; the others' caps
+    are the hard guarantee, the weight covers what is uncapped."""
+    if others_weight == 0:
+        wanted = math.ceil(share * 1000)
+    elif budget <= _EPS:
+        return _MAX_WEIGHT
+    else:
+        wanted = math.ceil(share * others_weight / budget)
+    return min(_MAX_WEIGHT, max(task.context_weight, wanted))
+
+
+def make_policy(
+    name: str,
+    *,
+    period_ms: float = 100.0,
+    miss_boost: float = 0.1,
+    slack_release: float = 0.05,
+) -> Policy:
+    """Build the policy a manifest's ``scheduler.policy`` names."""
+    if name == "cfs":
+        return CfsPolicy()
+    if name == "static":
+        return StaticPolicy()
+    if name == "weights":
+        return WeightsPolicy(period_ms / 1000.0)
+    if name == "ctx":
+        return CtxPolicy(miss_boost=miss_boost, slack_release=slack_release)
+    raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")
