@@ -177,14 +177,17 @@ class TaskChannel:
     # -- hot path --------------------------------------------------------------------------
     def offer(self, sample: Sample) -> None:
         """Queue a sample for the task (called by source threads; never blocks)."""
+        dropped = None
         with self._cond:
             if self._closing:
                 return
             if self._overflow == "drop_oldest" and len(self._queue) >= self._depth:
-                old = self._queue.popleft()
-                self._drop(old, "queue_full")
+                dropped = self._queue.popleft()
+                self.dropped += 1
             self._queue.append(sample)
             self._cond.notify_all()
+        if dropped is not None:
+            self._publish_drops([(dropped, "queue_full")])
 
     def set_rate(self, rate_hz: float | None) -> None:
         """Apply a context-driven processing rate (None: as fast as samples come)."""
@@ -205,16 +208,19 @@ class TaskChannel:
         except OSError as exc:
             log.warning("task %s: control message failed: %s", self.task, exc)
 
-    def _drop(self, sample: Sample, reason: str) -> None:
-        self.dropped += 1
-        self._bus.publish(
-            "task.dropped", SampleDropped(self.task, sample.id, self._clock(), reason)
-        )
+    def _publish_drops(self, drops: list[tuple[Sample, str]]) -> None:
+        """Tell the bus about dropped samples. Never called with the channel lock held:
+        bus delivery takes the bus lock, and inline subscribers (the scheduler) may call
+        back into this channel (`set_rate`), so the order is always bus lock first."""
+        now = self._clock()
+        for sample, reason in drops:
+            self._bus.publish("task.dropped", SampleDropped(self.task, sample.id, now, reason))
 
     def _next_sample(self) -> Sample | None:
         """Block until a sample may go out; skip samples the rate gate makes useless."""
-        with self._cond:
-            while True:
+        while True:
+            drops: list[tuple[Sample, str]] = []
+            with self._cond:
                 if self._closing and not self._queue:
                     return None
                 now = self._clock()
@@ -226,10 +232,13 @@ class TaskChannel:
                         return sample
                     # Rate-limited and a newer sample will come: keep only the newest.
                     while len(self._queue) > 1:
-                        self._drop(self._queue.popleft(), "rate")
-                    self._cond.wait(timeout=max(self.rate.wait_s(now), 0.001))
+                        drops.append((self._queue.popleft(), "rate"))
+                        self.dropped += 1
+                    if not drops:
+                        self._cond.wait(timeout=max(self.rate.wait_s(now), 0.001))
                 else:
                     self._cond.wait()
+            self._publish_drops(drops)
 
     def _send_loop(self) -> None:
         assert self._conn is not None

@@ -516,17 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run TASK's evaluator inside its container, on DATASET mounted "
         "read-only, pinned to one CPU, and print its metrics. Layouts: slam = "
         "*_laser.txt.gz + *_odom.txt + laser.yaml [+ *.relations]; signs = images/ + "
-        "annotations/ (VOC) and/or Images/ + GT-*.csv; speech = audio/*.wav + transcripts.tsv.",
+        "annotations/ (VOC) and/or Images/ + GT-*.csv; speech = audio/*.wav + transcripts.tsv. "
+        "Arguments after -- go to the evaluator, e.g. `ctxrobot eval speech DIR -- --mode "
+        "command` or `ctxrobot eval slam DIR -- --max-scans 500`.",
     )
     p.add_argument("task", choices=["slam", "signs", "speech"])
     p.add_argument("dataset", metavar="DATASET_DIR")
     p.add_argument("--json", action="store_true", help="last line: one JSON object of metrics")
-    p.add_argument(
-        "extra",
-        nargs=argparse.REMAINDER,
-        metavar="-- ARGS",
-        help="extra arguments for the evaluator (after --), e.g. -- --max-scans 500",
-    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -572,15 +568,22 @@ class _JsonFormatter(logging.Formatter):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after `--` belongs to the evaluator (`ctxrobot eval slam DIR -- --max-scans 9`).
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
+    if extra and args.command != "eval":
+        parser.error(f"arguments after -- are only for `eval`: {' '.join(extra)}")
+    args.extra = extra
     handler = logging.StreamHandler(sys.stderr)
     if getattr(args, "log_format", "text") == "json":
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
-    if getattr(args, "extra", None) and args.extra[0] == "--":
-        args.extra = args.extra[1:]
     return int(args.func(args))
 
 

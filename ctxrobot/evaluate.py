@@ -24,6 +24,21 @@ class EvalError(RuntimeError):
     """Bad arguments or an unusable environment (exit status 2)."""
 
 
+def _check_readable_by_task_user(dataset: Path) -> None:
+    """The evaluator runs as the image's unprivileged user (uid 10001), not as the caller:
+    a folder only its owner can read would fail deep inside the container instead."""
+    unreadable = [
+        p
+        for p in (dataset, *dataset.iterdir())
+        if not (p.stat().st_mode & (0o005 if p.is_dir() else 0o004))
+    ]
+    if unreadable:
+        raise EvalError(
+            f"{unreadable[0]} is not readable by other users, and the task container runs "
+            f"as uid 10001; make the dataset readable: chmod -R o+rX {dataset}"
+        )
+
+
 def evaluate_in_container(
     task: str, dataset: Path, *, json_output: bool, extra: Sequence[str] = ()
 ) -> int:
@@ -34,6 +49,7 @@ def evaluate_in_container(
     dataset = dataset.expanduser().resolve()
     if not dataset.is_dir():
         raise EvalError(f"{dataset}: not a folder")
+    _check_readable_by_task_user(dataset)
     image = IMAGES[task]
     root = data_dir()
     mounts = [BindMount(dataset, "/dataset", read_only=True)]

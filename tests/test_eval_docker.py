@@ -1,0 +1,92 @@
+"""`ctxrobot eval`: each task's evaluator in its own container, on the shared data.
+
+These are the accuracy targets of the tasks, asserted on what the container computes;
+speed figures are printed, never asserted (this is a shared 2-core machine).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, require_data, require_image
+
+pytestmark = pytest.mark.docker
+
+
+def evaluate(task: str, dataset: Path, *extra: str, timeout: float = 1800) -> dict[str, Any]:
+    require_image(f"ctxrobot/{task}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxrobot.cli", "eval", task, str(dataset), "--json", *extra],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"\n{task} on {dataset.name}: {json.dumps(metrics)}")
+    return metrics
+
+
+def test_signs_in_container() -> None:
+    m = evaluate("signs", require_data("signs"))
+    assert m["stop_precision"] >= 0.95
+    assert m["stop_recall"] >= 0.95
+    assert m["accuracy"] >= 0.95
+    assert m["ms_per_frame"] > 0
+
+
+def test_speech_in_container() -> None:
+    m = evaluate("speech", require_data("speech"))
+    assert m["wer"] <= 0.20
+    assert m["utterances"] == 11
+    assert m["realtime_factor"] > 0
+
+
+def test_speech_command_mode_in_container(tmp_path: Path) -> None:
+    """A folder the evaluator has never seen, in the same layout: one command recording."""
+    source = require_data("speech")
+    (tmp_path / "audio").mkdir()
+    wav = source / "audio" / "ps_goforward.wav"
+    (tmp_path / "audio" / wav.name).write_bytes(wav.read_bytes())
+    (tmp_path / "transcripts.tsv").write_text(
+        f"filename\ttext\naudio/{wav.name}\tgo forward ten meters\n"
+    )
+    subprocess.run(["chmod", "-R", "o+rX", str(tmp_path)], check=True)
+    m = evaluate("speech", tmp_path, "--", "--mode", "command")
+    assert m["wer"] == 0.0
+
+
+def test_eval_refuses_a_folder_the_task_user_cannot_read(tmp_path: Path) -> None:
+    (tmp_path / "transcripts.tsv").write_text("filename\ttext\n")
+    tmp_path.chmod(0o700)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxrobot.cli", "eval", "speech", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert f"chmod -R o+rX {tmp_path}" in proc.stderr
+
+
+def test_eval_of_a_folder_in_no_known_layout(tmp_path: Path) -> None:
+    require_image("ctxrobot/signs")
+    (tmp_path / "something.txt").write_text("not a dataset")
+    subprocess.run(["chmod", "-R", "o+rX", str(tmp_path)], check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxrobot.cli", "eval", "signs", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert "images/" in proc.stderr or "Images/" in proc.stderr
