@@ -1,0 +1,218 @@
+"""`ctxrobot daemon`: the runtime as a long-lived service with a control API.
+
+On start it cleans up (thaws and removes) containers a previous instance left behind,
+then runs the manifest with the scenario replayed in a loop (on a robot with live
+sensors the sources simply never end). A task that crashes is restarted with exponential
+back-off per its manifest `restart` policy; each crash and restart is an event on the bus.
+SIGTERM/SIGINT stop the tasks, flush the run database and exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ctxrobot.control import ControlError, ControlServer
+from ctxrobot.events import TaskStateChanged
+from ctxrobot.manifest import Manifest, ManifestError, load_manifest
+from ctxrobot.runtime import RunFailed, RunOptions, Runtime
+from ctxrobot.status import StatusBoard
+
+log = logging.getLogger(__name__)
+
+SUPERVISE_PERIOD_S = 0.25
+
+
+@dataclass
+class DaemonOptions:
+    config: Path
+    socket: Path
+    out_dir: Path
+    group: str | None = None
+    policy: str | None = None
+    metrics_port: int | None = None
+
+
+@dataclass
+class _Restarts:
+    """Back-off bookkeeping of one task."""
+
+    count: int = 0
+    due: float | None = None  # when the next restart attempt may run
+    given_up: bool = False
+
+
+def critical_rules(manifest: Manifest) -> dict[str, list[str]]:
+    """task → names of the rules that make it critical."""
+    out: dict[str, list[str]] = {}
+    for rule in manifest.rules:
+        for task, directive in rule.set.items():
+            if directive.critical:
+                out.setdefault(task, []).append(rule.name)
+    return out
+
+
+class Daemon:
+    def __init__(self, options: DaemonOptions) -> None:
+        self.options = options
+        self.manifest = load_manifest(options.config)
+        self.runtime = Runtime(
+            self.manifest,
+            RunOptions(
+                out_dir=options.out_dir,
+                policy=options.policy,
+                metrics_port=options.metrics_port,
+                loop=True,
+            ),
+        )
+        self.board = StatusBoard(
+            self.runtime.bus,
+            deadlines_ms={t.name: t.deadline_ms for t in self.runtime.tasks},
+            critical_rules=critical_rules(self.manifest),
+            policy=self.runtime.policy_name,
+            config=str(options.config),
+            run_dir=str(options.out_dir),
+        )
+        self.runtime.usage_listeners.append(self.board.record_usage)
+        self.control = ControlServer(
+            options.socket,
+            {
+                "status": lambda _r: self.board.snapshot(),
+                "ps": self._ps,
+                "context": self._context,
+                "override": self._override,
+                "reload": self._reload,
+                "task": self._task,
+                "shutdown": self._shutdown,
+            },
+            group=options.group,
+        )
+        self._stop = threading.Event()
+        self._restarts = {t.name: _Restarts() for t in self.runtime.tasks}
+        self._lock = threading.Lock()  # one task operation at a time
+
+    # -- control handlers -----------------------------------------------------------------
+    def _ps(self, _request: dict[str, Any]) -> list[dict[str, Any]]:
+        from ctxrobot.inspect import container_rows
+
+        return [r for r in container_rows() if r["run"] == self.runtime.run_id]
+
+    def _tracker(self) -> Any:
+        scheduler = self.runtime.scheduler
+        if scheduler is None or scheduler.tracker is None:
+            raise ControlError("the scheduler is not running yet")
+        return scheduler.tracker
+
+    def _context(self, _request: dict[str, Any]) -> dict[str, Any]:
+        tracker = self._tracker()
+        return {
+            "signals": tracker.signals,
+            "overrides": tracker.overrides,
+            "active_rules": self.runtime.scheduler.active_rules,
+        }
+
+    def _override(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Pin context signals to values (bench testing), or `clear` the pins."""
+        tracker = self._tracker()
+        if request.get("clear"):
+            tracker.clear_overrides()
+        else:
+            signals = request.get("signals")
+            if not isinstance(signals, dict) or not signals:
+                raise ControlError('override needs "signals": {name: value, …} or "clear": true')
+            tracker.override(signals)
+        return self._context(request)
+
+    def _reload(self, _request: dict[str, Any]) -> dict[str, Any]:
+        """Re-read the manifest and swap in its rules; running tasks are not touched."""
+        try:
+            fresh = load_manifest(self.options.config)
+        except ManifestError as err:
+            raise ControlError(
+                "reload refused, the running rules stay:\n" + "\n".join(map(str, err.problems))
+            ) from None
+        self.runtime.scheduler.reload(fresh.rules)
+        self.board.set_critical_rules(critical_rules(fresh))
+        self.manifest = fresh
+        log.info("reloaded %d rule(s) from %s", len(fresh.rules), self.options.config)
+        return {"rules": [r.name for r in fresh.rules]}
+
+    def _task(self, request: dict[str, Any]) -> dict[str, Any]:
+        action, name = request.get("action"), request.get("name")
+        if action not in ("stop", "start", "restart") or not isinstance(name, str):
+            raise ControlError('task needs "action": stop|start|restart and "name"')
+        self.runtime.task_spec(name)  # KeyError with the known names
+        with self._lock:
+            try:
+                getattr(self.runtime, f"{action}_task")(name)
+            except (RuntimeError, TimeoutError) as err:
+                raise ControlError(str(err)) from None
+            self._restarts[name] = _Restarts()
+        return {"task": name, "action": action}
+
+    def _shutdown(self, _request: dict[str, Any]) -> dict[str, Any]:
+        self._stop.set()
+        return {"stopping": True}
+
+    # -- supervision ------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+        self.runtime.request_stop()
+
+    def _supervise(self) -> None:
+        """Restart crashed tasks with exponential back-off, per their restart policy."""
+        now = time.monotonic()
+        with self._lock:
+            for name, error in self.runtime.failed_tasks().items():
+                state = self._restarts[name]
+                spec = self.runtime.task_spec(name)
+                policy = spec.restart
+                if state.given_up:
+                    continue
+                if state.due is None:
+                    self._publish(name, "crashed", error)
+                    if policy.policy == "never" or state.count >= policy.max_retries:
+                        state.given_up = True
+                        self._publish(
+                            name,
+                            "failed",
+                            f"not restarted (policy {policy.policy}, "
+                            f"{state.count} restart(s) so far)",
+                        )
+                        continue
+                    state.due = now + policy.backoff_s * (2**state.count)
+                    self._publish(name, "restarting", f"in {state.due - now:.1f} s")
+                elif now >= state.due:
+                    state.count += 1
+                    state.due = None
+                    try:
+                        self.runtime.restart_task(name)
+                        log.info("task %s restarted (restart %d)", name, state.count)
+                    except (RuntimeError, TimeoutError, RunFailed) as err:
+                        log.error("restart of task %s failed: %s", name, err)
+
+    def _publish(self, task: str, state: str, detail: str) -> None:
+        log.warning("task %s %s: %s", task, state, detail)
+        self.runtime.bus.publish(
+            "task.state", TaskStateChanged(time.monotonic(), task, state, detail)
+        )
+
+    def serve(self) -> int:
+        """Run until stopped; 0 after a clean stop."""
+        self.control.start()
+        try:
+            self.runtime.start()
+            log.info(
+                "daemon ready: run %s, control socket %s", self.runtime.run_id, self.options.socket
+            )
+            while not self._stop.wait(SUPERVISE_PERIOD_S):
+                self._supervise()
+        finally:
+            self.control.close()
+            self.runtime.stop()
+            log.info("daemon stopped; run database %s", self.options.out_dir / "run.db")
+        return 0
