@@ -172,6 +172,11 @@ class CgroupV1Controller:
         self._writer = _CachedWriter()
         self._period_us: int | None = None
 
+    @property
+    def location(self) -> Path:
+        """The cgroup's directory in the cpu hierarchy (names the container it belongs to)."""
+        return self.dirs["cpu"]
+
     def __repr__(self) -> str:
         return f"CgroupV1Controller({self.dirs['cpu']})"
 
@@ -243,6 +248,11 @@ class CgroupV2Controller:
 
     def __repr__(self) -> str:
         return f"CgroupV2Controller({self.path})"
+
+    @property
+    def location(self) -> Path:
+        """The cgroup's directory (names the container it belongs to)."""
+        return self.path
 
     def probe(self) -> None:
         """Raise :class:`CgroupError` unless we can write this cgroup's files (see v1)."""

@@ -27,6 +27,8 @@ from docker.types import Mount
 from ctxrobot.cgroups import (
     DEFAULT_PERIOD_US,
     CgroupError,
+    CgroupV1Controller,
+    CgroupV2Controller,
     CpuController,
     check_weight,
     discover,
@@ -239,11 +241,12 @@ class DockerBackend:
         if container.status != "running":
             return
         try:
-            controller = discover(container.attrs["State"]["Pid"], self.cgroup_root)
+            controller = self.cgroup_of(container)
             if controller.frozen:
                 controller.thaw()
-        except CgroupError as err:
-            # Without writable cgroup files nothing but Docker's pause can have frozen it.
+        except (CgroupError, ContainerError) as err:
+            # Exited meanwhile (nothing to thaw), or no cgroup files: then nothing but
+            # Docker's pause can have frozen it.
             log.debug("cannot check the freezer of %s: %s", container.name, err)
 
     def stop(self, name: str, timeout: float = 10) -> bool:
@@ -300,6 +303,24 @@ class DockerBackend:
             self._remove(container)
         return [c.name for c in targets]
 
+    def cgroup_of(self, container: Container) -> CgroupV1Controller | CgroupV2Controller:
+        """The container's own cgroup, read from its init process.
+
+        Refuses a cgroup whose path does not name the container: a pid that was reused
+        after the container died would otherwise aim the fast path at the host's root
+        cgroup.
+        """
+        pid = container.attrs["State"]["Pid"]
+        if not pid:
+            raise ContainerError(f"container {container.name!r} is not running")
+        controller = discover(pid, self.cgroup_root)
+        if container.id not in str(controller.location):
+            raise ContainerError(
+                f"pid {pid} of container {container.name!r} is in cgroup "
+                f"{controller.location}, not the container's own (it exited meanwhile)"
+            )
+        return controller
+
     def controller_for(self, container: Container | str) -> CpuController:
         """The fast path for ``container`` if its cgroup files are writable, else the API."""
         if isinstance(container, str):
@@ -312,7 +333,7 @@ class DockerBackend:
         if not pid:
             raise ContainerError(f"container {container.name!r} is not running")
         try:
-            controller = discover(pid, self.cgroup_root)
+            controller = self.cgroup_of(container)
             controller.probe()
         except CgroupError as err:
             if not self._warned_fallback:

@@ -30,7 +30,8 @@ def container_rows() -> list[dict[str, Any]]:
         }
         if container.status in ("running", "paused"):
             try:
-                controller = backend.controller_for(container)
+                # Read-only: no probe write, no Docker-API fallback for a listing.
+                controller = backend.cgroup_of(container)
                 weight, cap_cores = controller.read_limits()
                 row["weight"] = weight
                 row["share_cap"] = None if cap_cores is None else cap_cores / ncpus
