@@ -1,0 +1,225 @@
+"""Reader for 2D laser + odometry logs and the Freiburg relation metric.
+
+A dataset folder (e.g. ``$CTXROBOT_DATA/slam/intel``) holds:
+
+- ``*_laser.txt.gz``: two ``#`` header lines, then ``timestamp r_0 … r_{B-1}`` per scan;
+- ``*_odom.txt``: ``#`` header lines, then ``t x y theta tv rv`` (raw wheel odometry);
+- ``laser.yaml``: ``beams, angle_min_deg, angle_increment_deg, no_return_m, scan_rate_hz``;
+- optionally ``*.relations``: ``t1 t2 x y z roll pitch yaw`` (pose of scan 2 in scan 1).
+
+The host runtime uses this module to replay logs and derive motion context, and the SLAM task
+uses it for evaluation (inside the slam container, which has no PyYAML), so it depends on
+numpy only: ``laser.yaml`` is a flat ``key: number`` mapping and is parsed here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Relation stamps are copies of scan stamps; anything farther than this is a different scan.
+_STAMP_TOLERANCE_S = 1e-3
+_YAML_KEYS = ("beams", "angle_min_deg", "angle_increment_deg", "no_return_m", "scan_rate_hz")
+
+
+@dataclass(frozen=True)
+class LaserGeometry:
+    """How beam index maps to bearing, and which ranges are real returns."""
+
+    angle_min: float  # rad, bearing of beam 0 (counter-clockwise positive)
+    angle_increment: float  # rad between consecutive beams
+    max_valid_range: float  # m; a range at or above this means "no return"
+    rate_hz: float  # nominal scan rate
+
+
+@dataclass(frozen=True)
+class LaserDataset:
+    """One laser log, fully in memory (Intel: ~10 MB of float32 ranges)."""
+
+    name: str
+    stamps: np.ndarray  # (N,) float64 scan timestamps, s
+    ranges: np.ndarray  # (N, B) float32, m
+    odom_at_scans: np.ndarray  # (N, 3) odometry [x, y, theta] interpolated at scan stamps
+    odometry: np.ndarray  # (M, 6) raw [t, x, y, theta, tv, rv]
+    geometry: LaserGeometry
+    relations: np.ndarray | None  # (K, 5) [t1, t2, dx, dy, dyaw] or None
+
+    @property
+    def duration_s(self) -> float:
+        """Time spanned by the scans (what "real time" means for this log)."""
+        return float(self.stamps[-1] - self.stamps[0]) if len(self.stamps) > 1 else 0.0
+
+
+def _single(folder: Path, pattern: str, required: bool) -> Path | None:
+    matches = sorted(folder.glob(pattern))
+    if len(matches) > 1:
+        names = ", ".join(m.name for m in matches)
+        raise ValueError(f"{folder}: expected one file matching {pattern!r}, found {names}")
+    if not matches:
+        if required:
+            raise ValueError(f"{folder}: no file matching {pattern!r}")
+        return None
+    return matches[0]
+
+
+def _load_table(path: Path, min_cols: int, what: str) -> np.ndarray:
+    """Load a whitespace table with ``#`` comments; errors name the file and the problem."""
+    try:
+        table = np.loadtxt(path, comments="#", dtype=np.float64, ndmin=2)
+    except (ValueError, OSError, EOFError) as exc:  # ragged/non-numeric rows, broken gzip
+        raise ValueError(f"{path}: malformed {what}: {exc}") from exc
+    if table.shape[0] == 0:
+        raise ValueError(f"{path}: no {what} rows")
+    if table.shape[1] < min_cols:
+        raise ValueError(
+            f"{path}: {what} rows have {table.shape[1]} columns, expected at least {min_cols}"
+        )
+    if not np.all(np.isfinite(table)):
+        row = int(np.argwhere(~np.isfinite(table))[0, 0])
+        raise ValueError(f"{path}: non-finite value in {what} data row {row + 1}")
+    return table
+
+
+def _parse_flat_yaml(path: Path) -> dict[str, float]:
+    """``key: number`` lines with ``#`` comments: all laser.yaml needs."""
+    doc: dict[str, float] = {}
+    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, sep, value = line.partition(":")
+        if not sep or not key.strip():
+            raise ValueError(f"{path}:{lineno}: expected 'key: value', got {raw.strip()!r}")
+        try:
+            doc[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(
+                f"{path}:{lineno}: value of {key.strip()!r} is not a number: {value.strip()!r}"
+            ) from None
+    return doc
+
+
+def _load_geometry(path: Path) -> tuple[LaserGeometry, int]:
+    doc = _parse_flat_yaml(path)
+    missing = [k for k in _YAML_KEYS if k not in doc]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+    beams = int(doc["beams"])
+    if beams != doc["beams"]:
+        raise ValueError(f"{path}: beams must be an integer, got {doc['beams']}")
+    geometry = LaserGeometry(
+        angle_min=math.radians(doc["angle_min_deg"]),
+        angle_increment=math.radians(doc["angle_increment_deg"]),
+        max_valid_range=doc["no_return_m"],
+        rate_hz=doc["scan_rate_hz"],
+    )
+    if beams <= 0 or geometry.angle_increment <= 0 or geometry.max_valid_range <= 0:
+        raise ValueError(f"{path}: beams, angle_increment_deg and no_return_m must be > 0")
+    return geometry, beams
+
+
+def interpolate_odometry(odometry: np.ndarray, stamps: np.ndarray) -> np.ndarray:
+    """Odometry ``[x, y, theta]`` at ``stamps``; theta is unwrapped so it never jumps by 2π.
+
+    Stamps outside the odometry span take the nearest end value.
+    """
+    t = odometry[:, 0]
+    theta = np.unwrap(odometry[:, 3])
+    out = np.empty((len(stamps), 3))
+    out[:, 0] = np.interp(stamps, t, odometry[:, 1])
+    out[:, 1] = np.interp(stamps, t, odometry[:, 2])
+    out[:, 2] = np.angle(np.exp(1j * np.interp(stamps, t, theta)))
+    return out
+
+
+def load_laser_dataset(folder: Path) -> LaserDataset:
+    """Read a laser log folder; raises ``ValueError`` naming the file for malformed input."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a directory")
+    laser_path = _single(folder, "*_laser.txt.gz", required=True)
+    odom_path = _single(folder, "*_odom.txt", required=True)
+    yaml_path = folder / "laser.yaml"
+    if not yaml_path.is_file():
+        raise ValueError(f"{folder}: missing laser.yaml")
+    assert laser_path is not None and odom_path is not None
+    geometry, beams = _load_geometry(yaml_path)
+
+    scans = _load_table(laser_path, 2, "laser scan")
+    if scans.shape[1] != beams + 1:
+        raise ValueError(
+            f"{laser_path}: rows have {scans.shape[1] - 1} ranges, laser.yaml says {beams} beams"
+        )
+    stamps = scans[:, 0].copy()
+    if np.any(np.diff(stamps) <= 0):
+        row = int(np.argmax(np.diff(stamps) <= 0)) + 2
+        raise ValueError(f"{laser_path}: timestamps not strictly increasing at data row {row}")
+    ranges = scans[:, 1:].astype(np.float32)
+    if np.any(ranges < 0):
+        raise ValueError(f"{laser_path}: negative range")
+
+    odometry = _load_table(odom_path, 6, "odometry")[:, :6]
+    if np.any(np.diff(odometry[:, 0]) < 0):
+        raise ValueError(f"{odom_path}: timestamps not sorted")
+
+    relations = None
+    rel_path = _single(folder, "*.relations", required=False)
+    if rel_path is not None:
+        rel = _load_table(rel_path, 8, "relation")
+        relations = rel[:, [0, 1, 2, 3, 7]].copy()
+
+    return LaserDataset(
+        name=folder.name,
+        stamps=stamps,
+        ranges=ranges,
+        odom_at_scans=interpolate_odometry(odometry, stamps),
+        odometry=odometry,
+        geometry=geometry,
+        relations=relations,
+    )
+
+
+def _scan_indices(stamps: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Index of the scan at each query stamp, or -1 when none lies within tolerance."""
+    idx = np.clip(np.searchsorted(stamps, query), 1, len(stamps) - 1)
+    left = idx - 1
+    nearest = np.where(np.abs(stamps[left] - query) <= np.abs(stamps[idx] - query), left, idx)
+    return np.where(np.abs(stamps[nearest] - query) <= _STAMP_TOLERANCE_S, nearest, -1)
+
+
+def relative_poses(poses_a: np.ndarray, poses_b: np.ndarray) -> np.ndarray:
+    """Pose of each ``b`` in the frame of the matching ``a`` (arrays of ``[x, y, theta]``)."""
+    dx = poses_b[:, 0] - poses_a[:, 0]
+    dy = poses_b[:, 1] - poses_a[:, 1]
+    c, s = np.cos(poses_a[:, 2]), np.sin(poses_a[:, 2])
+    dth = np.angle(np.exp(1j * (poses_b[:, 2] - poses_a[:, 2])))
+    return np.stack([c * dx + s * dy, -s * dx + c * dy, dth], axis=1)
+
+
+def score_relations(
+    stamps: np.ndarray, poses: np.ndarray, relations: np.ndarray
+) -> tuple[float, float]:
+    """Freiburg benchmark error (Kümmerle et al. 2009) of ``poses`` (one per scan stamp).
+
+    For each relation, the error is ``δ_true⁻¹ ⊕ δ_est`` between the estimated and the true pose
+    of scan 2 in scan 1. Returns (mean |translation| in m, mean |rotation| in degrees).
+    Relations whose stamps match no scan raise ``ValueError``: silently dropping them would
+    flatter the score.
+    """
+    stamps = np.asarray(stamps, dtype=np.float64)
+    poses = np.asarray(poses, dtype=np.float64)
+    if poses.shape != (len(stamps), 3):
+        raise ValueError(f"poses must have shape ({len(stamps)}, 3), got {poses.shape}")
+    i1 = _scan_indices(stamps, relations[:, 0])
+    i2 = _scan_indices(stamps, relations[:, 1])
+    bad = (i1 < 0) | (i2 < 0)
+    if np.any(bad):
+        raise ValueError(f"{int(bad.sum())} relation stamps match no scan stamp")
+    est = relative_poses(poses[i1], poses[i2])
+    # The norm of the translational part of δ_true⁻¹ ⊕ δ_est equals |t_est − t_true|.
+    trans = np.hypot(est[:, 0] - relations[:, 2], est[:, 1] - relations[:, 3])
+    rot = np.abs(np.angle(np.exp(1j * (est[:, 2] - relations[:, 4]))))
+    return float(trans.mean()), float(np.degrees(rot.mean()))
