@@ -34,6 +34,15 @@ def evaluate(task: str, dataset: Path, *extra: str, timeout: float = 1800) -> di
     return metrics
 
 
+@pytest.mark.parametrize("log", ["intel", "aces"])
+def test_slam_in_container(log: str) -> None:
+    m = evaluate("slam", require_data(f"slam/{log}"))
+    assert m["trans_error_m"] <= 0.10
+    assert m["rot_error_deg"] <= 1.5
+    assert m["realtime_factor"] < 1.0, "faster than the log's real time on one core"
+    assert m["scans"] > 1000
+
+
 def test_signs_in_container() -> None:
     m = evaluate("signs", require_data("signs"))
     assert m["stop_precision"] >= 0.95
