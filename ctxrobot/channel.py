@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -84,6 +85,13 @@ class RateGate:
         return max(0.0, 1.0 / self.rate_hz - (now - self._last_start))
 
 
+@dataclass(frozen=True, slots=True)
+class _Control:
+    """A rate change for the task, sent by the send loop between samples."""
+
+    rate_hz: float | None
+
+
 class TaskChannel:
     """One task's socket, queue and reader/writer threads."""
 
@@ -109,6 +117,7 @@ class TaskChannel:
         self.in_flight = InFlightGate(1)
         self.rate = RateGate(None)
         self._gates: tuple[DispatchGate, ...] = (self.in_flight, self.rate)
+        self._control_pending = False  # a rate change the task has not been told yet
         self._server: socket.socket | None = None
         self._conn: socket.socket | None = None
         self._closing = False
@@ -190,23 +199,18 @@ class TaskChannel:
             self._publish_drops([(dropped, "queue_full")])
 
     def set_rate(self, rate_hz: float | None) -> None:
-        """Apply a context-driven processing rate (None: as fast as samples come)."""
+        """Apply a context-driven processing rate (None: as fast as samples come).
+
+        The host gates samples at once; the task is told through the send loop, the
+        socket's only writer (two writers would interleave a frame's bytes), so the
+        scheduler's thread never waits on socket I/O.
+        """
         with self._cond:
             if rate_hz == self.rate.rate_hz:
                 return
             self.rate.rate_hz = rate_hz
+            self._control_pending = True
             self._cond.notify_all()
-        if self._conn is not None:
-            self._send_control(rate_hz)
-
-    def _send_control(self, rate_hz: float | None) -> None:
-        try:
-            with self._cond:
-                conn = self._conn
-            if conn is not None:
-                protocol.send(conn, {"type": "control", "rate_hz": rate_hz})
-        except OSError as exc:
-            log.warning("task %s: control message failed: %s", self.task, exc)
 
     def _publish_drops(self, drops: list[tuple[Sample, str]]) -> None:
         """Tell the bus about dropped samples. Never called with the channel lock held:
@@ -216,11 +220,15 @@ class TaskChannel:
         for sample, reason in drops:
             self._bus.publish("task.dropped", SampleDropped(self.task, sample.id, now, reason))
 
-    def _next_sample(self) -> Sample | None:
-        """Block until a sample may go out; skip samples the rate gate makes useless."""
+    def _next_item(self) -> Sample | _Control | None:
+        """Block until a control message or a sample may go out (None: end of stream);
+        skip samples the rate gate makes useless."""
         while True:
             drops: list[tuple[Sample, str]] = []
             with self._cond:
+                if self._control_pending:
+                    self._control_pending = False
+                    return _Control(self.rate.rate_hz)
                 if self._closing and not self._queue:
                     return None
                 now = self._clock()
@@ -243,8 +251,11 @@ class TaskChannel:
     def _send_loop(self) -> None:
         assert self._conn is not None
         try:
-            while (sample := self._next_sample()) is not None:
-                protocol.send(self._conn, {**sample.header()}, sample.payload)
+            while (item := self._next_item()) is not None:
+                if isinstance(item, _Control):
+                    protocol.send(self._conn, {"type": "control", "rate_hz": item.rate_hz})
+                    continue
+                protocol.send(self._conn, item.header(), item.payload)
                 self.sent += 1
             protocol.send(self._conn, {"type": "end"})
         except OSError as exc:

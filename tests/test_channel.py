@@ -136,3 +136,41 @@ def test_task_crash_is_reported(tmp_path: Path) -> None:
     assert channel.error is not None
     assert states and states[0].state == "failed"
     channel.close()
+
+
+def test_rate_changes_during_large_frames_never_corrupt_the_stream(tmp_path: Path) -> None:
+    """Regression: the scheduler's thread once wrote control messages on the socket while
+    the send loop was half-way through a 900 kB frame, and the task read garbage."""
+    frame = np.zeros((480, 640, 3), np.uint8).tobytes()
+    task = SumTask()
+    channel, _, events = start(tmp_path, task, queue_depth=64, overflow="block")
+    stop = threading.Event()
+
+    def flip_rates() -> None:
+        rates = [None, 50.0, None, 40.0]
+        i = 0
+        while not stop.is_set():
+            channel.set_rate(rates[i % 4])
+            i += 1
+
+    flipper = threading.Thread(target=flip_rates)
+    flipper.start()
+    try:
+        for i in range(40):
+            channel.offer(
+                Sample(
+                    id=i,
+                    t_sensor=time.monotonic(),
+                    kind="frame",
+                    meta={"shape": [480, 640, 3]},
+                    payload=frame,
+                )
+            )
+        assert channel.wait_idle(30)
+    finally:
+        stop.set()
+        flipper.join()
+    channel.finish(5)
+    assert channel.error is None
+    assert len([e for e in events if isinstance(e, TaskResult)]) == 40
+    assert task.rates, "the task was told about rate changes"
