@@ -238,12 +238,11 @@ class TaskChannel:
                         for gate in self._gates:
                             gate.beginning_execution(sample, now)
                         return sample
-                    # Rate-limited and a newer sample will come: keep only the newest.
-                    while len(self._queue) > 1:
-                        drops.append((self._queue.popleft(), "rate"))
-                        self.dropped += 1
-                    if not drops:
-                        self._cond.wait(timeout=max(self.rate.wait_s(now), 0.001))
+                    # Between rate slots a sample is useless work: skip it rather than
+                    # hold it, so the sample processed at the next slot is a fresh one.
+                    drops = [(sample, "rate") for sample in self._queue]
+                    self.dropped += len(drops)
+                    self._queue.clear()
                 else:
                     self._cond.wait()
             self._publish_drops(drops)

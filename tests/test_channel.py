@@ -109,6 +109,9 @@ def test_rate_gate_skips_and_tells_the_task(tmp_path: Path) -> None:
     # 20 samples over ~0.2 s at 5 Hz: the first, plus at most ~2 more slots.
     assert 1 <= len(done) <= 4
     assert all(e.reason == "rate" for e in events if isinstance(e, SampleDropped))
+    assert len(done) + channel.dropped == 20
+    # Skipped, not held: what is processed was fresh when it went out.
+    assert max(r.t_start - r.t_sensor for r in done) < 0.1
     assert task.rates == [5.0]
 
 
