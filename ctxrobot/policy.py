@@ -349,14 +349,20 @@ def _water_fill(budget: float, items: Iterable[tuple[str, float, float, int]]) -
     def total(level: float) -> float:
         return sum(min(hi, max(lo, level * w)) for _, lo, hi, w in items)
 
-    low, high = 0.0, max(hi / w for _, _, hi, w in items)
-    for _ in range(60):  # 60 halvings: λ to double precision
-        mid = (low + high) / 2
-        if total(mid) <= budget:
-            low = mid
-        else:
-            high = mid
-    return {name: min(hi, max(lo, low * w)) for name, lo, hi, w in items}
+    # total(λ) is non-decreasing and linear between the breakpoints lo/w and hi/w: find
+    # the segment where it reaches the budget and solve it exactly. (This runs on every
+    # context change, inside the sub-millisecond actuation path: no iterative search.)
+    low, low_total = 0.0, total(0.0)
+    level = low
+    for point in sorted({b for _, lo, hi, w in items for b in (lo / w, hi / w)}):
+        point_total = total(point)
+        if point_total >= budget:
+            span = point_total - low_total
+            level = point if span <= 0 else low + (budget - low_total) * (point - low) / span
+            break
+        low, low_total = point, point_total
+        level = point
+    return {name: min(hi, max(lo, level * w)) for name, lo, hi, w in items}
 
 
 def _critical_weight(task: TaskState, share: float, budget: float, others_weight: int) -> int:
