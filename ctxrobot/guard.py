@@ -45,6 +45,8 @@ def main(argv: list[str]) -> int:
         print("usage: python -m ctxrobot.guard RUN_ID", file=sys.stderr)
         return 2
     run_id = argv[0]
+    # The runtime may run at real-time priority; a watchdog that only waits does not.
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Block until the runtime's end of the pipe closes.
     while os.read(0, 4096):
