@@ -159,10 +159,10 @@ def _with_scenario(manifest: Any, path: Path) -> Any:
 
 def _memory_arg(text: str) -> int:
     """`--memory 1Gi` → bytes, with the manifest's size syntax."""
-    from ctxrobot.manifest import _memory_bytes
+    from ctxrobot.manifest import memory_bytes
 
     try:
-        return int(_memory_bytes(text))  # type: ignore[call-overload]
+        return int(memory_bytes(text))  # type: ignore[call-overload]
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 

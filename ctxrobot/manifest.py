@@ -251,7 +251,7 @@ _UNITS |= {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4}
 _DOCKER_MIN_MEMORY = 6 * 1024**2  # Docker refuses smaller memory limits
 
 
-def _memory_bytes(value: object) -> object:
+def memory_bytes(value: object) -> object:
     """``"768Mi"``/``"1Gi"``/``"800M"``/``123456`` → bytes; other types fail strict int."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         return value
@@ -312,7 +312,7 @@ class Resources(BaseModel):
     cpu_min: Fraction = 0.05
     cpu_max: Fraction = 1.0
     weight: Annotated[int, Field(ge=1, le=10000)] = 100
-    memory: Annotated[int | None, BeforeValidator(_memory_bytes)] = None
+    memory: Annotated[int | None, BeforeValidator(memory_bytes)] = None
     max_freeze_s: Annotated[float, Field(gt=0)] = 2.0
 
     @model_validator(mode="after")

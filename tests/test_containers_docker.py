@@ -163,6 +163,12 @@ def test_stop_thaws_a_frozen_container_first(
 ) -> None:
     """The burner exits 0 on SIGTERM; it can only see the signal if stop() thawed it."""
     container = start_burner("burn")
+    # Its first report comes after it installed its SIGTERM handler; before that, SIGTERM
+    # kills it (143) whatever stop() did.
+    deadline = time.monotonic() + 60
+    while not container.logs(stdout=True, stderr=False) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert container.logs(stdout=True, stderr=False), "the burner reported"
     fast_controller(backend, container).freeze()
     assert backend.stop(container.name, timeout=5)
     container.reload()

@@ -61,14 +61,23 @@ RULES = (
 )
 
 
-def our_containers() -> list[str]:
+def containers_of(run_id: str) -> list[str]:
+    """Names of the containers of one run (any state)."""
     out = subprocess.run(
-        ["docker", "ps", "-a", "--filter", "label=ctxrobot.managed=1", "--format", "{{.Names}}"],
+        [
+            "docker",
+            "ps",
+            "-a",
+            "--filter",
+            f"label=ctxrobot.run={run_id}",
+            "--format",
+            "{{.Names}}",
+        ],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    return [n for n in out.split() if "-eval-" not in n]
+    return out.split()
 
 
 def until(what: str, check: Callable[[], Any], timeout_s: float = 120) -> Any:
@@ -108,6 +117,8 @@ class Daemon:
                 str(self.out),
                 "--log-format",
                 "json",
+                "--metrics-port",
+                "0",
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -149,16 +160,16 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     require_image("ctxrobot/signs")
     require_image("ctxrobot/speech")
     data = require_data()
-    before = set(our_containers())
     d = Daemon(tmp_path_factory.mktemp("daemon"), data)
     try:
         until("both tasks running with samples", d.running, 180)
+        run_id = d.call("ps")[0]["run"]
         yield d
     finally:
         code = d.stop()
         print("\n--- daemon log (tail) ---\n" + "\n".join(d.logs().splitlines()[-15:]))
         assert code == 0, "SIGTERM ends the daemon with status 0"
-        assert set(our_containers()) <= before, "SIGTERM leaves no container behind"
+        assert not containers_of(run_id), "SIGTERM leaves no container behind"
         with sqlite3.connect(d.out / "run.db") as conn:
             assert conn.execute("select count(*) from samples").fetchone()[0] > 0
 
@@ -172,6 +183,18 @@ def test_status_over_the_socket(daemon: Daemon) -> None:
     assert oct(daemon.socket.stat().st_mode & 0o777) == "0o660"
     logs = [json.loads(line) for line in daemon.logs().splitlines() if line.startswith("{")]
     assert any("daemon ready" in entry["msg"] for entry in logs), "structured log lines"
+
+
+def test_prometheus_metrics_of_the_live_daemon(daemon: Daemon) -> None:
+    import urllib.request
+
+    match = re.search(r"Prometheus metrics on (http://127\.0\.0\.1:\d+/metrics)", daemon.logs())
+    assert match, "the daemon logs where its metrics are"
+    text = urllib.request.urlopen(match.group(1), timeout=10).read().decode()
+    for task in ("signs", "speech"):
+        count = re.search(rf'ctxrobot_task_latency_seconds_count{{task="{task}"}} (\S+)', text)
+        assert count and float(count.group(1)) > 0, f"latency histogram of {task}"
+    assert "ctxrobot_actuation_seconds_bucket" in text
 
 
 def test_other_users_are_refused(daemon: Daemon) -> None:
@@ -201,10 +224,10 @@ def test_context_override_changes_the_allocation(daemon: Daemon) -> None:
         return speech["critical"] and speech["cpu"]["allocated"] >= 0.7 - 1e-6
 
     until("speech critical with its 0.7 share", speech_critical, 30)
+    # Read back from the cgroups themselves: the critical task outweighs the other.
+    # (Whether the other is also capped depends on measured demand: ctx conserves work.)
     rows = {r["task"]: r for r in daemon.call("ps")}
-    assert rows["signs"]["share_cap"] is not None and rows["signs"]["share_cap"] < 0.5, (
-        "the cgroup itself shows signs squeezed"
-    )
+    assert rows["speech"]["weight"] > rows["signs"]["weight"], rows
     assert daemon.ctl("clear-override").returncode == 0
     assert daemon.call("context")["overrides"] == {}
 
@@ -321,7 +344,7 @@ def test_kill_9_then_a_new_daemon_cleans_up_and_thaws(tmp_path: Path) -> None:
     finally:
         first.client.close()
         first.log.close()
-    left = [n for n in our_containers() if run_id in n]
+    left = containers_of(run_id)
     assert left, "containers of the killed daemon are still there"
     pid = subprocess.run(
         ["docker", "inspect", "-f", "{{.State.Pid}}", left[0]],
@@ -336,9 +359,7 @@ def test_kill_9_then_a_new_daemon_cleans_up_and_thaws(tmp_path: Path) -> None:
     second = Daemon(tmp_path / "second", data)
     try:
         until("second daemon running", second.running, 180)
-        assert not [n for n in our_containers() if run_id in n], (
-            "the new daemon thawed and removed what the killed one left"
-        )
+        assert not containers_of(run_id), "the new daemon thawed and removed what was left"
         assert "removed containers left by a previous instance" in second.logs()
     finally:
         assert second.stop() == 0

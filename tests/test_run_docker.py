@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import REPO, require_data, require_image
@@ -58,15 +61,46 @@ SIGNS = (
 )
 
 
-def our_containers(run_dir: Path | None = None) -> list[str]:
-    """Names of every ctxrobot container (of any run) on this engine."""
+def containers(*labels: str) -> list[str]:
+    """Names of ctxrobot containers (any state) carrying every given label."""
+    filters = [f"--filter=label={label}" for label in ("ctxrobot.managed=1", *labels)]
     proc = subprocess.run(
-        ["docker", "ps", "-a", "--filter", "label=ctxrobot.managed=1", "--format", "{{.Names}}"],
+        ["docker", "ps", "-a", *filters, "--format", "{{.Names}}"],
         capture_output=True,
         text=True,
         check=True,
     )
-    return [n for n in proc.stdout.split() if "-eval-" not in n]
+    return proc.stdout.split()
+
+
+def orphans() -> set[str]:
+    """Our containers whose owning runtime is gone: what a run must never leave behind.
+    (Containers of other live runs on this engine, e.g. a benchmark, are not orphans.)"""
+    proc = subprocess.run(
+        [
+            "docker",
+            "ps",
+            "-a",
+            "--filter",
+            "label=ctxrobot.managed=1",
+            "--format",
+            '{{.Names}}\t{{.Label "ctxrobot.instance"}}',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = set()
+    for line in proc.stdout.splitlines():
+        name, _, owner = line.partition("\t")
+        if not (owner.isdigit() and psutil.pid_exists(int(owner))):
+            found.add(name)
+    return found
+
+
+def run_id_of(out: Path) -> str:
+    with sqlite3.connect(f"file:{out / 'run.db'}?mode=ro", uri=True) as conn:
+        return str(conn.execute("select id from run").fetchone()[0])
 
 
 def start_run(manifest: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
@@ -91,8 +125,6 @@ def start_run(manifest: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
 
 def wait_for_samples(out: Path, proc: subprocess.Popen[str], timeout_s: float = 120) -> None:
     """Until the run's database holds at least one processed sample."""
-    import sqlite3
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -116,10 +148,12 @@ def data() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def no_leftovers() -> None:
-    before = set(our_containers())
+def no_leftovers() -> Iterator[None]:
+    before = orphans()
     yield
-    left = set(our_containers()) - before
+    deadline = time.monotonic() + 60  # after kill -9 the guard is still sweeping
+    while (left := orphans() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert not left, f"containers left behind: {left}"
 
 
@@ -156,6 +190,32 @@ def test_run_prints_a_json_summary_and_cleans_up(tmp_path: Path, data: Path) -> 
     assert {"p50", "p99"} <= set(summary["actuation_ms"])
     print("\nsigns alone, 15 s:", json.dumps(signs), "actuation:", summary["actuation_ms"])
     assert (out / "run.db").exists()
+
+    # Plots and a trace of this real run.
+    report = subprocess.run(
+        [sys.executable, "-m", "ctxrobot.cli", "report", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert report.returncode == 0, report.stderr
+    pngs = [Path(line) for line in report.stdout.split()]
+    assert {p.name for p in pngs} == {"latency.png", "cpu.png", "actuation.png"}
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    trace = subprocess.run(
+        [sys.executable, "-m", "ctxrobot.cli", "trace", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert trace.returncode == 0, trace.stderr
+    events = json.loads((out / "trace.json").read_text())["traceEvents"]
+    slices = [e for e in events if e.get("ph") == "X" and e.get("cat") == "sample"]
+    assert len(slices) == signs["samples"], "one slice per processed sample"
+    assert any(e.get("ph") == "i" for e in events), "context changes as instants"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -226,7 +286,8 @@ def test_kill_9_leaves_nothing_behind(tmp_path: Path, data: Path) -> None:
     proc = start_run(manifest, out, "--duration", "120")
     try:
         wait_for_samples(out, proc)
-        names = our_containers()
+        run_id = run_id_of(out)
+        names = containers(f"ctxrobot.run={run_id}")
         assert names, "the run's container is up"
         # Freeze it behind the runtime's back: a frozen container cannot even be stopped.
         pid = subprocess.run(
@@ -244,6 +305,6 @@ def test_kill_9_leaves_nothing_behind(tmp_path: Path, data: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     deadline = time.monotonic() + 60
-    while our_containers() and time.monotonic() < deadline:
+    while containers(f"ctxrobot.run={run_id}") and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not our_containers(), "the guard removed the containers of the killed run"
+    assert not containers(f"ctxrobot.run={run_id}"), "the guard removed the killed run's"
