@@ -334,6 +334,28 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------
+def _add_robot_options(p: argparse.ArgumentParser) -> None:
+    """The options `run` and `daemon` share: which robot, which policy, where to record."""
+    p.add_argument(
+        "--config",
+        default=str(_default_config()),
+        metavar="PATH",
+        help="robot manifest (default: config/robot.yaml)",
+    )
+    p.add_argument(
+        "--policy",
+        choices=["cfs", "static", "weights", "ctx"],
+        help="scheduling policy (default: the manifest's scheduler.policy)",
+    )
+    p.add_argument("--out", metavar="DIR", help="run folder for run.db (default: runs/<time>)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on 127.0.0.1:PORT (0: any free port, logged)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctxrobot",
@@ -362,29 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
         "CPU by context, and print a per-task latency summary. Containers are removed "
         "at the end, on Ctrl-C, on SIGTERM and on errors.",
     )
-    p.add_argument(
-        "--config",
-        default=str(_default_config()),
-        metavar="PATH",
-        help="robot manifest (default: config/robot.yaml)",
-    )
-    p.add_argument(
-        "--policy",
-        choices=["cfs", "static", "weights", "ctx"],
-        help="scheduling policy (default: the manifest's scheduler.policy)",
-    )
+    _add_robot_options(p)
     p.add_argument(
         "--duration", type=float, metavar="S", help="stop after S seconds (default: scenario)"
     )
-    p.add_argument("--out", metavar="DIR", help="run folder for run.db (default: runs/<time>)")
     p.add_argument(
         "--json", action="store_true", help="print the summary as one JSON line at the end"
-    )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        metavar="PORT",
-        help="serve Prometheus metrics on 127.0.0.1:PORT",
     )
     p.add_argument("--scenario", metavar="PATH", help="replay this scenario instead")
     p.add_argument("--only", metavar="TASKS", help="run only these tasks (comma-separated names)")
@@ -420,29 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
         "crashed tasks with back-off, and serve a control API on a Unix socket (mode 0660, "
         "owned by --group). SIGTERM/SIGINT: stop tasks, flush the run database, exit 0.",
     )
-    p.add_argument(
-        "--config",
-        default=str(_default_config()),
-        metavar="PATH",
-        help="robot manifest (default: config/robot.yaml)",
-    )
+    _add_robot_options(p)
     p.add_argument("--socket", default=str(default_socket()), metavar="PATH", help=socket_help)
     p.add_argument(
         "--group",
         metavar="GROUP",
         help="group that may use the control socket (default: the daemon's own group)",
-    )
-    p.add_argument(
-        "--policy",
-        choices=["cfs", "static", "weights", "ctx"],
-        help="scheduling policy (default: the manifest's)",
-    )
-    p.add_argument("--out", metavar="DIR", help="run folder for run.db (default: runs/<time>)")
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        metavar="PORT",
-        help="serve Prometheus metrics on 127.0.0.1:PORT",
     )
     p.add_argument(
         "--log-format",
