@@ -52,9 +52,9 @@ class Actuator:
     machine", i.e. the robot's envelope).
     """
 
-    def __init__(self, controllers: Mapping[str, CpuController], ncpus: int) -> None:
-        if ncpus < 1:
-            raise ValueError(f"ncpus must be >= 1, got {ncpus}")
+    def __init__(self, controllers: Mapping[str, CpuController], ncpus: float) -> None:
+        if ncpus <= 0:
+            raise ValueError(f"ncpus must be > 0, got {ncpus}")
         self.ncpus = ncpus
         self._controllers: dict[str, CpuController] = dict(controllers)
         self._applied: dict[str, TaskAllocation] = {}

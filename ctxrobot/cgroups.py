@@ -63,8 +63,9 @@ class CpuController(Protocol):
         """Relative CPU weight, 1..10000 in cgroup v2 units (100 = default)."""
         ...
 
-    def set_share_cap(self, share: float | None, ncpus: int) -> None:
-        """Cap at ``share`` of a machine with ``ncpus`` CPUs; None removes the cap."""
+    def set_share_cap(self, share: float | None, ncpus: float) -> None:
+        """Cap at ``share`` of a machine with ``ncpus`` CPUs (fractional for an envelope such
+        as ``--cpus 1.5``); None removes the cap."""
         ...
 
     def freeze(self) -> None:
@@ -104,12 +105,12 @@ def check_weight(weight: int) -> None:
         raise ValueError(f"weight must be in {WEIGHT_MIN}..{WEIGHT_MAX}, got {weight}")
 
 
-def quota_us(share: float, ncpus: int, period_us: int) -> int:
+def quota_us(share: float, ncpus: float, period_us: int) -> int:
     """CFS quota (µs per period) for ``share`` of a machine with ``ncpus`` CPUs."""
     if not 0 < share <= 1:
         raise ValueError(f"share must be in (0, 1], got {share}")
-    if ncpus < 1:
-        raise ValueError(f"ncpus must be >= 1, got {ncpus}")
+    if ncpus <= 0:
+        raise ValueError(f"ncpus must be > 0, got {ncpus}")
     return max(MIN_QUOTA_US, round(share * ncpus * period_us))
 
 
@@ -195,7 +196,7 @@ class CgroupV1Controller:
     def set_weight(self, weight: int) -> None:
         self._writer.write(self._path("cpu", "cpu.shares"), str(weight_to_shares(weight)))
 
-    def set_share_cap(self, share: float | None, ncpus: int) -> None:
+    def set_share_cap(self, share: float | None, ncpus: float) -> None:
         path = self._path("cpu", "cpu.cfs_quota_us")
         if share is None:
             self._writer.write(path, "-1")
@@ -269,7 +270,7 @@ class CgroupV2Controller:
             self._period_us = int(read_file(self.path / "cpu.max").split()[1])
         return self._period_us
 
-    def set_share_cap(self, share: float | None, ncpus: int) -> None:
+    def set_share_cap(self, share: float | None, ncpus: float) -> None:
         period = self._period()
         quota = "max" if share is None else str(quota_us(share, ncpus, period))
         self._writer.write(self.path / "cpu.max", f"{quota} {period}")

@@ -108,7 +108,7 @@ class DockerApiController:
         check_weight(weight)
         self._update("weight", weight, cpu_shares=weight_to_shares(weight))
 
-    def set_share_cap(self, share: float | None, ncpus: int) -> None:
+    def set_share_cap(self, share: float | None, ncpus: float) -> None:
         quota = -1 if share is None else quota_us(share, ncpus, DEFAULT_PERIOD_US)
         self._update("quota", quota, cpu_quota=quota, cpu_period=DEFAULT_PERIOD_US)
 

@@ -72,7 +72,11 @@ class Runtime:
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         self.run_dir = options.out_dir
         self.bus = EventBus()
-        self.ncpus = manifest.robot.cpus
+        # "The whole machine" that shares refer to: the robot's CPUs, or the envelope the
+        # tasks are confined to (`--cpus`), whichever is smaller.
+        self.ncpus: float = (
+            min(options.cpus, manifest.robot.cpus) if options.cpus else manifest.robot.cpus
+        )
         self.channels: dict[str, TaskChannel] = {}
         self.controllers: dict[str, CpuController] = {}
         self.container_names: dict[str, str] = {}

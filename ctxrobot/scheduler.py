@@ -153,7 +153,7 @@ class SchedulerState:
         self.tasks[ev.task] = updated
         return feedback_direction(updated) != feedback_direction(task)
 
-    def record_usage(self, usage: Mapping[str, int], t: float, ncpus: int) -> None:
+    def record_usage(self, usage: Mapping[str, int], t: float, ncpus: float) -> None:
         """Cumulative CPU ns per task at ``t`` → each task's demand since the last sample,
         as a fraction of the machine."""
         for name, ns in usage.items():
@@ -210,7 +210,7 @@ class ContextScheduler:
         feedback_window_s: float = 2.0,
         tracker: Callable[[SchedulerBase], ContextTracker] | None = None,
         usage: Callable[[], Mapping[str, int]] | None = None,
-        ncpus: int = 1,
+        ncpus: float = 1.0,
         demand_period_s: float = 1.0,
     ) -> None:
         self.bus = bus
@@ -465,7 +465,7 @@ def build_scheduler(
     *,
     tasks: Sequence[str],
     controllers: Mapping[str, CpuController],
-    ncpus: int,
+    ncpus: float,
     scheduler: PeriodicScheduler | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> ContextScheduler:

@@ -55,7 +55,7 @@ DB_NAME = "run.db"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
     id TEXT PRIMARY KEY, started_utc TEXT NOT NULL, t0 REAL NOT NULL, policy TEXT NOT NULL,
-    manifest_path TEXT, scenario_path TEXT, hostname TEXT, ncpus INTEGER,
+    manifest_path TEXT, scenario_path TEXT, hostname TEXT, ncpus REAL,
     ended_utc TEXT, duration_s REAL, summary_json TEXT
 );
 CREATE TABLE IF NOT EXISTS tasks (
@@ -185,7 +185,7 @@ class RunStore:
         policy: str,
         manifest_path: str | Path | None,
         scenario_path: str | Path | None,
-        ncpus: int,
+        ncpus: float,
         tasks: Iterable[TaskRow],
     ) -> RunStore:
         """Create the run directory and database, record the run and its tasks."""
