@@ -536,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ctxrobot.datafetch import add_data_parser
 
     add_data_parser(sub)
+
+    from ctxrobot.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -9,7 +9,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["validate", "run", "ps", "eval", "report", "trace", "daemon", "ctl", "dash", "data"]
+COMMANDS = [
+    "validate",
+    "run",
+    "ps",
+    "eval",
+    "report",
+    "trace",
+    "daemon",
+    "ctl",
+    "dash",
+    "data",
+    "bench",
+]
 
 
 def ctxrobot(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
