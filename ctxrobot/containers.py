@@ -272,6 +272,10 @@ class DockerBackend:
             container.remove(force=True)
         except docker.errors.NotFound:
             pass  # gone meanwhile (e.g. removed by a concurrent cleanup): that is the goal
+        except docker.errors.APIError as err:
+            # 409 "removal already in progress": a guard or an earlier cleanup is on it.
+            if err.status_code != 409:
+                raise
 
     def list_managed(self, run_id: str | None = None) -> list[Container]:
         """Our containers (any state), optionally only those of one run."""

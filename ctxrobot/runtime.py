@@ -380,10 +380,11 @@ class Runtime:
             self._cpu_end = _own_cpu_s()
         if self.player is not None:
             self.player.stop()
+        # Thaw first: a frozen task cannot even answer the end of its stream.
+        if self.scheduler is not None:
+            self.scheduler.stop()
         for name, channel in self.channels.items():
             self.task_summaries[name] = channel.finish(timeout_s=10.0)
-        if self.scheduler is not None:
-            self.scheduler.stop()  # thaws everything it froze
         for stop in self._extra_stops:
             stop()
         if self.backend is not None:
