@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,17 @@ import pytest
 from ctxtask.datasets import data_dir
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def ctxrobot(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the `ctxrobot` command line as a user would: a real process, from the repo."""
+    return subprocess.run(
+        [sys.executable, "-m", "ctxrobot.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def require_data(subpath: str = "") -> Path:

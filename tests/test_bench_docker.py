@@ -12,7 +12,6 @@ import json
 import shutil
 import sqlite3
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ctxrobot.manifest import load_manifest
 from ctxrobot.policy import CtxPolicy, TaskState
 from ctxrobot.rules import TaskDirective
 from ctxrobot.store import RunStore
-from tests.conftest import REPO, require_data, require_image
+from tests.conftest import REPO, ctxrobot, require_data, require_image
 
 ROBOT = REPO / "config" / "robot.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -138,13 +137,7 @@ def test_quick_bench_runs_every_policy_on_every_input() -> None:
     # Not under tmp_path: pytest's folders are too deep for the runs' Unix socket paths.
     out = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "ctxrobot.cli", "bench", "--quick", "--out", str(out), "--json"],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            cwd=REPO,
-        )
+        proc = ctxrobot("bench", "--quick", "--out", str(out), "--json", timeout=900)
         check_quick_bench(proc, out)
     finally:
         shutil.rmtree(out, ignore_errors=True)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, ctxrobot
+
 COMMANDS = [
     "validate",
     "run",
@@ -22,16 +21,6 @@ COMMANDS = [
     "data",
     "bench",
 ]
-
-
-def ctxrobot(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ctxrobot.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
 
 
 def test_help_lists_every_command() -> None:

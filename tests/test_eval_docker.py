@@ -8,26 +8,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, require_data, require_image
+from tests.conftest import ctxrobot, require_data, require_image
 
 pytestmark = pytest.mark.docker
 
 
 def evaluate(task: str, dataset: Path, *extra: str, timeout: float = 1800) -> dict[str, Any]:
     require_image(f"ctxrobot/{task}")
-    proc = subprocess.run(
-        [sys.executable, "-m", "ctxrobot.cli", "eval", task, str(dataset), "--json", *extra],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
+    proc = ctxrobot("eval", task, str(dataset), "--json", *extra, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"\n{task} on {dataset.name}: {json.dumps(metrics)}")
@@ -75,13 +68,7 @@ def test_speech_command_mode_in_container(tmp_path: Path) -> None:
 def test_eval_refuses_a_folder_the_task_user_cannot_read(tmp_path: Path) -> None:
     (tmp_path / "transcripts.tsv").write_text("filename\ttext\n")
     tmp_path.chmod(0o700)
-    proc = subprocess.run(
-        [sys.executable, "-m", "ctxrobot.cli", "eval", "speech", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    proc = ctxrobot("eval", "speech", str(tmp_path), timeout=60)
     assert proc.returncode == 2
     assert f"chmod -R o+rX {tmp_path}" in proc.stderr
 
@@ -90,12 +77,6 @@ def test_eval_of_a_folder_in_no_known_layout(tmp_path: Path) -> None:
     require_image("ctxrobot/signs")
     (tmp_path / "something.txt").write_text("not a dataset")
     subprocess.run(["chmod", "-R", "o+rX", str(tmp_path)], check=True)
-    proc = subprocess.run(
-        [sys.executable, "-m", "ctxrobot.cli", "eval", "signs", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
+    proc = ctxrobot("eval", "signs", str(tmp_path), timeout=300)
     assert proc.returncode == 2
     assert "images/" in proc.stderr or "Images/" in proc.stderr

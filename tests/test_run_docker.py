@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, require_data, require_image
+from tests.conftest import REPO, ctxrobot, require_data, require_image
 
 pytestmark = pytest.mark.docker
 
@@ -160,24 +160,16 @@ def no_leftovers() -> Iterator[None]:
 def test_run_prints_a_json_summary_and_cleans_up(tmp_path: Path, data: Path) -> None:
     manifest = write_manifest(tmp_path / "robot.yaml", data, SIGNS)
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ctxrobot.cli",
-            "run",
-            "--config",
-            str(manifest),
-            "--out",
-            str(out),
-            "--duration",
-            "15",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
+    proc = ctxrobot(
+        "run",
+        "--config",
+        str(manifest),
+        "--out",
+        str(out),
+        "--duration",
+        "15",
+        "--json",
         timeout=300,
-        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -192,25 +184,13 @@ def test_run_prints_a_json_summary_and_cleans_up(tmp_path: Path, data: Path) -> 
     assert (out / "run.db").exists()
 
     # Plots and a trace of this real run.
-    report = subprocess.run(
-        [sys.executable, "-m", "ctxrobot.cli", "report", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    report = ctxrobot("report", str(out), timeout=120)
     assert report.returncode == 0, report.stderr
     pngs = [Path(line) for line in report.stdout.split()]
     assert {p.name for p in pngs} == {"latency.png", "cpu.png", "actuation.png"}
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    trace = subprocess.run(
-        [sys.executable, "-m", "ctxrobot.cli", "trace", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    trace = ctxrobot("trace", str(out), timeout=120)
     assert trace.returncode == 0, trace.stderr
     events = json.loads((out / "trace.json").read_text())["traceEvents"]
     slices = [e for e in events if e.get("ph") == "X" and e.get("cat") == "sample"]
@@ -256,23 +236,15 @@ MISBEHAVING = (
 
 def test_a_task_that_speaks_nonsense_fails_the_run_cleanly(tmp_path: Path, data: Path) -> None:
     manifest = write_manifest(tmp_path / "robot.yaml", data, MISBEHAVING)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ctxrobot.cli",
-            "run",
-            "--config",
-            str(manifest),
-            "--out",
-            str(tmp_path / "run"),
-            "--duration",
-            "60",
-        ],
-        capture_output=True,
-        text=True,
+    proc = ctxrobot(
+        "run",
+        "--config",
+        str(manifest),
+        "--out",
+        str(tmp_path / "run"),
+        "--duration",
+        "60",
         timeout=300,
-        cwd=REPO,
     )
     assert proc.returncode == 1
     assert "task 'signs' failed" in proc.stderr
