@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
+from ctxrobot.containers import DockerBackend
 from ctxrobot.control import ControlClient, ControlError
 from tests.conftest import REPO, require_data, require_image
 
@@ -336,7 +337,13 @@ def test_kill_9_then_a_new_daemon_cleans_up_and_thaws(tmp_path: Path) -> None:
     try:
         until("first daemon running", first.running, 180)
         run_id = first.call("ps")[0]["run"]
-        # The guard first, so that nothing is left to clean up after the daemon.
+        frozen_name = next(r["name"] for r in first.call("ps") if r["task"] == "signs")
+        # As if the policy had frozen signs when the power went: a frozen task cannot
+        # notice its daemon's socket closing, so it stays there, frozen. (The others exit
+        # on their own when the socket closes.)
+        backend = DockerBackend()
+        backend.cgroup_of(backend.client.containers.get(frozen_name)).freeze()
+        # The guard first, so that nothing cleans up after the daemon.
         for child in psutil.Process(first.proc.pid).children(recursive=True):
             child.kill()
         first.proc.kill()
@@ -344,17 +351,9 @@ def test_kill_9_then_a_new_daemon_cleans_up_and_thaws(tmp_path: Path) -> None:
     finally:
         first.client.close()
         first.log.close()
-    left = containers_of(run_id)
-    assert left, "containers of the killed daemon are still there"
-    pid = subprocess.run(
-        ["docker", "inspect", "-f", "{{.State.Pid}}", left[0]],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    from ctxrobot.cgroups import discover
-
-    discover(int(pid)).freeze()
+    assert frozen_name in containers_of(run_id), "the frozen container was left behind"
+    frozen = backend.client.containers.get(frozen_name)
+    assert backend.cgroup_of(frozen).frozen
     (tmp_path / "second").mkdir()
     second = Daemon(tmp_path / "second", data)
     try:
