@@ -83,7 +83,6 @@ class Runtime:
         self.backend: DockerBackend | None = None
         self.actuator: Actuator | None = None
         self._cgroup_parent: str | None = None
-        self._last_allocation: dict[str, TaskAllocation] = {}
         self.store: RunStore | None = None
         self.player: ScenarioPlayer | None = None
         self.scheduler: Any = None
@@ -228,7 +227,12 @@ class Runtime:
             )
         except (RuntimeError, TimeoutError) as exc:
             raise RunFailed(f"{exc}\n{self._logs_tail(spec.name)}") from exc
-        self.controllers[spec.name] = self.backend.controller_for(self.container_names[spec.name])
+        controller = self.backend.controller_for(self.container_names[spec.name])
+        self.controllers[spec.name] = controller
+        if self.actuator is not None:  # a restart: the scheduler is already running
+            self.actuator.attach(spec.name, controller)
+        # The scheduler hears "running" and writes the task's allocation into its new
+        # container, so the controller must be attached first.
         self._publish_state(spec.name, "running")
 
     def _logs_tail(self, task: str, lines: int = 20) -> str:
@@ -248,7 +252,6 @@ class Runtime:
             self.bus,
             _RuntimeActuator(actuator, self.channels),
             tasks=[t.name for t in self.tasks],
-            controllers=self.controllers,
             ncpus=self.ncpus,
         )
         self.scheduler.start()
@@ -266,8 +269,6 @@ class Runtime:
         spec = self.task_spec(name)
         assert self.backend is not None
         if self.actuator is not None:
-            if (applied := self.actuator.applied(name)) is not None:
-                self._last_allocation[name] = applied
             self.actuator.detach(name)
         self.controllers.pop(name, None)
         channel = self.channels.pop(name, None)
@@ -283,12 +284,6 @@ class Runtime:
             raise RuntimeError(f"task {name!r} is running; stop or restart it")
         self._start_task(spec)
         self._await_task(spec)
-        if self.actuator is not None:
-            self.actuator.attach(name, self.controllers[name])
-            # A new container starts from Docker's defaults: give it back what the
-            # scheduler had decided, without waiting for the next context change.
-            if (previous := self._last_allocation.pop(name, None)) is not None:
-                self.actuator.apply({name: previous})
 
     def restart_task(self, name: str) -> None:
         self.stop_task(name)
@@ -438,7 +433,8 @@ def _own_cpu_s() -> float:
 
 
 class UsageSampler(threading.Thread):
-    """Measured CPU use per task from cgroup accounting, for the record and the dashboard.
+    """Measured CPU use per task from cgroup accounting: the one reader of those counters,
+    for the record, the dashboard and the scheduler's measured demand.
 
     Polling is fine here: this is observation, not actuation (the scheduler reacts to
     events, never to this thread).
@@ -459,9 +455,10 @@ class UsageSampler(threading.Thread):
             if rt.actuator is not None:
                 applied = {t: a for t in rt.actuator.tasks if (a := rt.actuator.applied(t))}
                 allocated = allocated_shares(applied)
+            readings: dict[str, int] = {}
             for task, controller in list(rt.controllers.items()):
                 try:
-                    ns = controller.usage_ns()
+                    ns = readings[task] = controller.usage_ns()
                 except (CgroupError, OSError):
                     continue  # the container is being restarted
                 before = self._last.get(task)
@@ -473,6 +470,8 @@ class UsageSampler(threading.Thread):
                     rt.store.record_usage(now, task, used, allocated.get(task, 1.0))
                 for listener in rt.usage_listeners:
                     listener(task, used)
+            if rt.scheduler is not None:
+                rt.scheduler.record_usage(readings, now)
 
     def stop(self) -> None:
         self._halt.set()

@@ -45,7 +45,6 @@ from reactivex.scheduler.periodicscheduler import PeriodicScheduler
 
 from ctxrobot.actuator import Allocation, TaskAllocation
 from ctxrobot.bus import EventBus
-from ctxrobot.cgroups import CgroupError, CpuController
 from ctxrobot.context import ContextTracker, SerializedScheduler
 from ctxrobot.events import (
     AllocationApplied,
@@ -63,7 +62,6 @@ __all__ = ["ActuatorLike", "ContextScheduler", "SchedulerState", "build_schedule
 log = logging.getLogger(__name__)
 
 #: Delay before re-evaluating a rule hold that had not yet expired at its expiry time.
-RETRY_S = 0.001
 
 
 class ActuatorLike(Protocol):
@@ -191,8 +189,8 @@ class ContextScheduler:
     """Drives an actuator from context changes with a policy (see the module doc).
 
     ``scheduler``: the rx scheduler for timers (None: a private event-loop thread, disposed
-    by :meth:`stop`). ``usage``/``ncpus``: cumulative CPU ns per task, sampled every
-    ``demand_period_s`` into each task's measured demand. ``tracker``: builds the context
+    by :meth:`stop`). ``ncpus``: the machine that :meth:`record_usage` readings are shares
+    of. ``tracker``: builds the context
     tracker on the scheduler's rx scheduler; it is started after the scheduler subscribes
     and stopped with it.
     """
@@ -209,9 +207,7 @@ class ContextScheduler:
         clock: Callable[[], float] = time.monotonic,
         feedback_window_s: float = 2.0,
         tracker: Callable[[SchedulerBase], ContextTracker] | None = None,
-        usage: Callable[[], Mapping[str, int]] | None = None,
         ncpus: float = 1.0,
-        demand_period_s: float = 1.0,
     ) -> None:
         self.bus = bus
         self.policy = policy
@@ -226,9 +222,7 @@ class ContextScheduler:
         self._rx = SerializedScheduler(self._inner, bus.delivery_lock)
         self._clock = clock
         self.tracker = None if tracker is None else tracker(self._rx)
-        self._usage = usage
         self._ncpus = ncpus
-        self._demand_period_s = demand_period_s
         self._lock = threading.RLock()
         self._outbox: list[tuple[str, object]] = []
         self._subscriptions = CompositeDisposable()
@@ -265,11 +259,6 @@ class ContextScheduler:
         if self.policy.period_s is not None:
             self._subscriptions.add(
                 self._rx.schedule_periodic(self.policy.period_s, self._guarded(self._on_period))
-            )
-        if self._usage is not None:
-            # Reading cgroup files is I/O: not under the bus lock (state has its own lock).
-            self._subscriptions.add(
-                self._inner.schedule_periodic(self._demand_period_s, self._guarded(self._on_demand))
             )
         if self.tracker is not None:
             self.tracker.start()
@@ -364,15 +353,12 @@ class ContextScheduler:
             self._decide(now, "freeze-guard")
         self._flush()
 
-    def _on_demand(self) -> None:
-        assert self._usage is not None
-        try:
-            usage = self._usage()
-        except (CgroupError, OSError) as err:  # a container is restarting or gone
-            log.debug("demand sample skipped: %s", err)
-            return
+    def record_usage(self, usage: Mapping[str, int], t: float) -> None:
+        """Cumulative CPU ns per task at ``t`` (the runtime's usage sampler reads the
+        cgroups once for everyone); it becomes each task's measured demand. Measuring
+        decides nothing by itself."""
         with self._lock:
-            self.state.record_usage(usage, self._clock(), self._ncpus)
+            self.state.record_usage(usage, t, self._ncpus)
 
     # -- decisions (called with the lock held) --------------------------------------------
     def _evaluate_rules(self, now: float) -> None:
@@ -392,11 +378,8 @@ class ContextScheduler:
         if outcome.expires_at is None:
             self._rule_timer.disposable = None
         else:
-            # A hold the rule book still reports at its own expiry time (float rounding of
-            # `now - since < hold_s`) is retried a moment later rather than at once forever.
-            delay = outcome.expires_at - now
             self._rule_timer.disposable = self._rx.schedule_relative(
-                delay if delay > 0 else RETRY_S, self._guarded_action(self._on_rule_expiry)
+                outcome.expires_at - now, self._guarded_action(self._on_rule_expiry)
             )
 
     def _decide(self, trigger_t: float, reason: str, *, force: bool = False) -> None:
@@ -464,13 +447,12 @@ def build_scheduler(
     actuator: ActuatorLike,
     *,
     tasks: Sequence[str],
-    controllers: Mapping[str, CpuController],
     ncpus: float,
     scheduler: PeriodicScheduler | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> ContextScheduler:
     """The scheduler of a run: the named policy over the manifest's tasks, rules and
-    context signals, measuring demand from the tasks' cgroup CPU accounting."""
+    context signals (demand arrives through :meth:`ContextScheduler.record_usage`)."""
     cfg = manifest.scheduler
     policy = make_policy(
         policy_name,
@@ -480,10 +462,6 @@ def build_scheduler(
     )
     wanted = set(tasks)
     states = [task_state(spec) for spec in manifest.tasks if spec.name in wanted]
-
-    def usage() -> dict[str, int]:
-        # list(): the daemon swaps controllers when it restarts a task.
-        return {name: c.usage_ns() for name, c in list(controllers.items())}
 
     return ContextScheduler(
         bus,
@@ -495,6 +473,5 @@ def build_scheduler(
         clock=clock,
         feedback_window_s=cfg.feedback.window_s,
         tracker=lambda rx: ContextTracker.from_config(bus, manifest.context, rx, clock=clock),
-        usage=usage,
         ncpus=ncpus,
     )

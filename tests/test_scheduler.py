@@ -269,20 +269,17 @@ def test_demand_is_measured_from_cumulative_usage() -> None:
         usage["speech"] += 100_000_000
         return dict(usage)
 
-    rig = Rig(CtxPolicy(), usage=sample, ncpus=2, demand_period_s=1.0)
+    rig = Rig(CtxPolicy(), ncpus=2)
     rig.scheduler.start()
+    for t in (1.0, 2.0, 3.0):  # the runtime's usage sampler, once a second
+        rig.vts.schedule_absolute(
+            t, lambda _s, _st, t=t: rig.scheduler.record_usage(sample(), t)
+        )
     rig.vts.advance_to(3.0)
     tasks = rig.scheduler.state.tasks
     assert tasks["slam"].demand == pytest.approx(0.25, rel=1e-3)  # of a 2-CPU machine
     assert tasks["speech"].demand == pytest.approx(0.05, rel=1e-3)
     assert len(rig.actuator.applied) == 1  # sampling demand decides nothing by itself
-
-
-class _Usage:
-    """A stand-in for a task's cgroup CPU accounting (only ``usage_ns`` is read)."""
-
-    def usage_ns(self) -> int:
-        return 0
 
 
 def test_build_scheduler_runs_the_default_robot_from_microphone_to_allocation() -> None:
@@ -302,7 +299,6 @@ def test_build_scheduler_runs_the_default_robot_from_microphone_to_allocation() 
         bus,
         actuator,
         tasks=names,
-        controllers={name: _Usage() for name in names},  # type: ignore[misc]
         ncpus=manifest.robot.cpus,
         scheduler=vts,
         clock=lambda: vts.clock,
@@ -336,7 +332,6 @@ def test_build_scheduler_builds_the_named_policy() -> None:
         EventBus(),
         RecordingActuator(vts),
         tasks=["slam"],
-        controllers={},
         ncpus=2,
         scheduler=vts,
     )
