@@ -154,33 +154,20 @@ def wait_for_teardown(run_dir: Path, timeout_s: float = SETTLE_TIMEOUT_S) -> Non
     """Until no container of the run in ``run_dir`` is left (its guard may still be removing
     them): the next run must not start beside a container that is still going down, which
     would both load the machine and race the next run's own stale-container cleanup."""
-    import docker
-
-    from ctxrobot.containers import LABEL_MANAGED, LABEL_RUN
+    from ctxrobot.containers import DockerBackend
     from ctxrobot.store import reading
 
     with reading(run_dir) as conn:
         run_id = conn.execute("SELECT id FROM run").fetchone()[0]
-    client = docker.from_env()
-    labels = [f"{LABEL_MANAGED}=1", f"{LABEL_RUN}={run_id}"]
+    backend = DockerBackend()
     deadline = time.monotonic() + timeout_s
-    while client.containers.list(all=True, filters={"label": labels}):
+    while backend.list_managed(run_id):
         if time.monotonic() > deadline:
             raise BenchError(f"containers of run {run_id} still exist {timeout_s:.0f} s after it")
         time.sleep(0.5)
 
 
 # -- reading one run -----------------------------------------------------------------------
-def critical_rules(rules: Iterable[Any]) -> dict[str, set[str]]:
-    """Task → names of the rules that make it critical (``critical: true`` in ``set``)."""
-    out: dict[str, set[str]] = {}
-    for rule in rules:
-        for task, setting in rule.set.items():
-            if setting.critical:
-                out.setdefault(task, set()).add(rule.name)
-    return out
-
-
 def critical_latencies(db: Path, crit_rules: Mapping[str, set[str]]) -> dict[str, list[float]]:
     """Per task, latencies (ms) of its samples sensed while a rule made it critical.
 
@@ -698,6 +685,7 @@ def _scenario_for(manifest: Any, path: Path | None) -> Any:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ctxrobot.manifest import ManifestError, load_manifest
+    from ctxrobot.rules import critical_rules
 
     config = Path(args.config).resolve()
     try:

@@ -18,7 +18,8 @@ from typing import Any
 
 from ctxrobot.control import ControlError, ControlServer
 from ctxrobot.events import TaskStateChanged
-from ctxrobot.manifest import Manifest, ManifestError, load_manifest
+from ctxrobot.manifest import ManifestError, load_manifest
+from ctxrobot.rules import critical_rules
 from ctxrobot.runtime import RunFailed, RunOptions, Runtime
 from ctxrobot.status import StatusBoard
 
@@ -46,16 +47,6 @@ class _Restarts:
     given_up: bool = False
 
 
-def critical_rules(manifest: Manifest) -> dict[str, list[str]]:
-    """task → names of the rules that make it critical."""
-    out: dict[str, list[str]] = {}
-    for rule in manifest.rules:
-        for task, directive in rule.set.items():
-            if directive.critical:
-                out.setdefault(task, []).append(rule.name)
-    return out
-
-
 class Daemon:
     def __init__(self, options: DaemonOptions) -> None:
         self.options = options
@@ -72,7 +63,7 @@ class Daemon:
         self.board = StatusBoard(
             self.runtime.bus,
             deadlines_ms={t.name: t.deadline_ms for t in self.runtime.tasks},
-            critical_rules=critical_rules(self.manifest),
+            critical_rules=critical_rules(self.manifest.rules),
             policy=self.runtime.policy_name,
             config=str(options.config),
             run_dir=str(options.out_dir),
@@ -136,7 +127,7 @@ class Daemon:
                 "reload refused, the running rules stay:\n" + "\n".join(map(str, err.problems))
             ) from None
         self.runtime.scheduler.reload(fresh.rules)
-        self.board.set_critical_rules(critical_rules(fresh))
+        self.board.set_critical_rules(critical_rules(fresh.rules))
         self.manifest = fresh
         log.info("reloaded %d rule(s) from %s", len(fresh.rules), self.options.config)
         return {"rules": [r.name for r in fresh.rules]}

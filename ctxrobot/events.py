@@ -77,6 +77,11 @@ class TaskResult:
     def latency_s(self) -> float:
         return self.t_end - self.t_sensor
 
+    def missed(self, deadline_ms: float | None) -> bool:
+        """Whether the result came later than ``deadline_ms`` after its sensor sample
+        (the one definition of a deadline miss: run database, metrics, dashboard)."""
+        return deadline_ms is not None and self.latency_s * 1000.0 > deadline_ms
+
 
 @dataclass(frozen=True, slots=True)
 class SampleDropped:

@@ -150,10 +150,9 @@ class MetricsExporter:
     def on_result(self, ev: TaskResult) -> None:
         self.latency.labels(ev.task).observe(ev.latency_s)
         self.queue_wait.labels(ev.task).observe(max(0.0, ev.t_start - ev.t_sensor))
-        deadline = self._deadlines_ms.get(ev.task)
         # Touch the child so a task with no misses exports 0 rather than nothing.
         misses = self.deadline_misses.labels(ev.task)
-        if deadline is not None and ev.latency_s * 1000.0 > deadline:
+        if ev.missed(self._deadlines_ms.get(ev.task)):
             misses.inc()
 
     def on_dropped(self, ev: SampleDropped) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ast
 import difflib
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -450,3 +450,13 @@ class RuleBook:
                 self._active.discard(spec.name)
                 released.append(spec.name)
         return RuleOutcome(directives, fired, released, active, expires_at)
+
+
+def critical_rules(rules: Iterable[RuleSpec]) -> dict[str, set[str]]:
+    """Task → names of the rules whose ``set`` makes it critical."""
+    out: dict[str, set[str]] = {}
+    for rule in rules:
+        for task, directive in rule.set.items():
+            if directive.critical:
+                out.setdefault(task, set()).add(rule.name)
+    return out

@@ -13,10 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, is_dataclass
 from typing import Any
-
-import numpy as np
 
 from ctxrobot.bus import EventBus
 from ctxrobot.events import (
@@ -27,23 +24,10 @@ from ctxrobot.events import (
     TaskResult,
     TaskStateChanged,
 )
-from ctxrobot.store import allocated_shares
+from ctxrobot.store import allocated_shares, percentiles, to_jsonable
 
 WINDOW = 256  # results per task kept for percentiles and the sparkline
 RECENT = 8  # results per task shown in full when a task is selected
-
-
-def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p95": None, "p99": None}
-    p50, p95, p99 = np.percentile(np.asarray(values), [50, 95, 99])
-    return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
-
-
-def _plain(value: Any) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
-        return asdict(value)
-    return value
 
 
 class _TaskBoard:
@@ -104,7 +88,7 @@ class StatusBoard:
             if board is None:
                 return
             board.samples += 1
-            board.misses += ms > board.deadline_ms
+            board.misses += event.missed(board.deadline_ms)
             board.latencies.append(ms)
             board.recent.append(
                 {"id": event.sample_id, "latency_ms": round(ms, 2), "result": dict(event.result)}
@@ -138,7 +122,7 @@ class StatusBoard:
         with self._lock:
             for task, alloc in event.allocation.items():
                 if task in self._tasks:
-                    self._tasks[task].allocation = {**_plain(alloc), "share": shares[task]}
+                    self._tasks[task].allocation = {**to_jsonable(alloc), "share": shares[task]}
             self._actuation.append(event.actuation_ms)
             self._actuation_count += 1
 
@@ -164,7 +148,7 @@ class StatusBoard:
                         "weight": alloc.get("weight"),
                         "frozen": bool(alloc.get("frozen", False)),
                     },
-                    "latency_ms": _percentiles(board.latencies),
+                    "latency_ms": percentiles(board.latencies, (50, 95, 99)),
                     "recent_latency_ms": [round(v, 2) for v in list(board.latencies)[-40:]],
                     "samples": board.samples,
                     "deadline_misses": board.misses,
@@ -172,7 +156,7 @@ class StatusBoard:
                     "recent": list(board.recent),
                 }
             actuation = list(self._actuation)
-            pct = _percentiles(actuation)
+            pct = percentiles(actuation, (50, 99))
             return {
                 "daemon": {**self._daemon, "uptime_s": round(time.monotonic() - self._started, 1)},
                 "tasks": tasks,

@@ -251,8 +251,7 @@ class RunStore:
 
     def _on_result(self, ev: TaskResult) -> None:
         latency_ms = ev.latency_s * 1000.0
-        deadline = self._deadlines_ms.get(ev.task)
-        miss = deadline is not None and latency_ms > deadline
+        miss = ev.missed(self._deadlines_ms.get(ev.task))
         row = (ev.task, ev.sample_id, ev.t_sensor, ev.t_start, ev.t_end, latency_ms, int(miss))
         self._add("samples", (*row, dumps(ev.result)))
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from ctxrobot.actuator import TaskAllocation
-from ctxrobot.bench import BENCH_POLICIES, critical_latencies, critical_rules, plan_runs
+from ctxrobot.bench import BENCH_POLICIES, critical_latencies, plan_runs
 from ctxrobot.manifest import load_manifest
 from ctxrobot.policy import CtxPolicy, TaskState
-from ctxrobot.rules import TaskDirective
+from ctxrobot.rules import TaskDirective, critical_rules
 from ctxrobot.store import RunStore
 from tests.conftest import REPO, ctxrobot, require_data, require_image
 
