@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ctxtask.datasets import data_dir
+
 RAW_GITHUB = "https://raw.githubusercontent.com"
 DEFAULT_TIMEOUT_S = 60.0
 # The largest original is 3.9 MB (intel.orig.bag); the limit only stops a wrong URL or a
@@ -1145,14 +1147,9 @@ def fetch(
 
 
 # -- command line -----------------------------------------------------------------------------
-def default_dest() -> Path:
-    env = os.environ.get("CTXROBOT_DATA")
-    return Path(env).expanduser() if env else Path("data")
-
-
 def cmd_data_fetch(args: argparse.Namespace) -> int:
     """`ctxrobot data fetch`: 0 when every file is in place, 1 on failures, 2 on bad input."""
-    dest = Path(args.dest) if args.dest else default_dest()
+    dest = Path(args.dest) if args.dest else data_dir()
     only = [s for s in args.only.split(",") if s.strip()] if args.only else None
 
     def show(result: FileResult) -> None:
@@ -1218,7 +1215,8 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument(
         "--dest",
         metavar="DIR",
-        help="data root to fill (default: $CTXROBOT_DATA, else ./data)",
+        help="data root to fill (default: where ctxrobot reads data: $CTXROBOT_DATA, else "
+        "../shared/data beside the repository)",
     )
     p.add_argument(
         "--only",
