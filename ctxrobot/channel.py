@@ -78,12 +78,6 @@ class RateGate:
     def ending_execution(self, result: TaskResult, now: float) -> None:
         pass
 
-    def wait_s(self, now: float) -> float:
-        """Seconds until the next slot opens (0 when open now)."""
-        if self.rate_hz is None:
-            return 0.0
-        return max(0.0, 1.0 / self.rate_hz - (now - self._last_start))
-
 
 @dataclass(frozen=True, slots=True)
 class _Control:
@@ -125,7 +119,6 @@ class TaskChannel:
         self._hello = threading.Event()
         self.summary: dict[str, object] = {}
         self.pid: int | None = None
-        self.sent = 0
         self.received = 0
         self.dropped = 0
         self.error: BaseException | None = None
@@ -255,7 +248,6 @@ class TaskChannel:
                     protocol.send(self._conn, {"type": "control", "rate_hz": item.rate_hz})
                     continue
                 protocol.send(self._conn, item.header(), item.payload)
-                self.sent += 1
             protocol.send(self._conn, {"type": "end"})
         except OSError as exc:
             self._fail(exc)
@@ -306,11 +298,6 @@ class TaskChannel:
         )
 
     # -- shutdown --------------------------------------------------------------------------
-    def pending(self) -> int:
-        """Samples queued or in the task."""
-        with self._cond:
-            return len(self._queue) + self.in_flight.in_flight
-
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until every queued sample has been processed (used by no-drop runs)."""
         with self._cond:

@@ -13,8 +13,6 @@ from typing import Any
 from ctxtask import protocol
 from ctxtask.task import Task
 
-log = logging.getLogger("ctxtask")
-
 DEFAULT_SOCKET = "/run/ctxrobot/task.sock"
 
 

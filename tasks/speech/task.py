@@ -18,11 +18,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ctxtask.datasets.speech import SAMPLE_RATE
 from ctxtask.protocol import Sample
 from ctxtask.task import Task
 from speech.recognizer import ENGINES, MODES, create_recognizer
 from speech.stream import StreamingRecognizer
-from speech.vad import SAMPLE_RATE, Segmenter
+from speech.vad import Segmenter
 
 CONFIG_KEYS = frozenset({"engine", "mode", "vosk_model", "vad"})
 

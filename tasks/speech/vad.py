@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from pocketsphinx import Vad
 
-SAMPLE_RATE = 16000
+from ctxtask.datasets.speech import SAMPLE_RATE
 
 #: Aggressiveness levels of the WebRTC detector, loosest (most audio counted as speech) first.
 VAD_MODES: dict[str, int] = {

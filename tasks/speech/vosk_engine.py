@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ctxtask.datasets import data_dir
+from ctxtask.datasets.speech import SAMPLE_RATE
 from speech import commands
 from speech.recognizer import RecognizerError
 
-SAMPLE_RATE = 16000
 RECOMMENDED_MODEL = "vosk-model-small-en-us-0.15"
 MODELS_URL = "https://alphacephei.com/vosk/models"
 UNKNOWN = "[unk]"
