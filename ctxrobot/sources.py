@@ -10,6 +10,7 @@ is what a live driver would stamp.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import math
@@ -24,7 +25,7 @@ import numpy as np
 
 from ctxrobot.bus import EventBus
 from ctxrobot.events import AudioLevel, CameraFrame, LaserScan, Odometry
-from ctxtask.datasets.laser import LaserDataset, load_laser_dataset
+from ctxtask.datasets.laser import LaserDataset, load_laser_dataset, scan_sample
 from ctxtask.datasets.signs import camera_frame
 from ctxtask.datasets.speech import read_wav
 from ctxtask.protocol import Sample
@@ -86,7 +87,6 @@ class LaserReplay:
         geo = ds.geometry
         t_first = float(ds.stamps[0]) + self.start_s
         v, w = pose_velocities(ds.odometry, ds.stamps)
-        beams = ds.ranges.shape[1]
         for i in np.flatnonzero(ds.stamps >= t_first):
             offset = (float(ds.stamps[i]) - t_first) / self.speed
             if offset > duration_s:
@@ -94,16 +94,9 @@ class LaserReplay:
             ranges = ds.ranges[i]
             valid = ranges[(ranges > 0.0) & (ranges < geo.max_valid_range)]
             min_range = float(valid.min()) if valid.size else math.inf
-            odom = [float(x) for x in ds.odom_at_scans[i]]
-            meta = {
-                "angle_min": geo.angle_min,
-                "angle_increment": geo.angle_increment,
-                "max_range": geo.max_valid_range,
-                "odom": odom,
-                "t_log": float(ds.stamps[i]),
-                "beams": beams,
-            }
-            payload = ranges.astype("<f4").tobytes()
+            # Built once here; firing only stamps the id and time.
+            template = scan_sample(ds, int(i), sample_id=0, t_sensor=0.0)
+            odom = template.meta["odom"]
             vi, wi = float(v[i]), float(w[i])
 
             def fire(
@@ -112,8 +105,7 @@ class LaserReplay:
                 odom: list[float] = odom,
                 vi: float = vi,
                 wi: float = wi,
-                meta: dict[str, Any] = meta,
-                payload: bytes = payload,
+                template: Sample = template,
                 min_range: float = min_range,
             ) -> Fired:
                 # Odometry feeds the motion context, the scan summary the obstacle context.
@@ -122,7 +114,7 @@ class LaserReplay:
                         ("sensor.odometry", Odometry(self.name, now, *odom, v=vi, w=wi)),
                         ("sensor.scan", LaserScan(self.name, now, min_range)),
                     ),
-                    Sample(sid, now, "scan", meta, payload),
+                    dataclasses.replace(template, id=sid, t_sensor=now),
                 )
 
             yield Tick(offset, self.name, fire)

@@ -24,10 +24,11 @@ from ctxtask.datasets.laser import (
     interpolate_odometry,
     load_laser_dataset,
     relative_poses,
+    scan_sample,
     score_relations,
 )
 from ctxtask.protocol import Sample
-from slam.evaluate import evaluate, scan_sample
+from slam.evaluate import evaluate
 from slam.matching import LikelihoodField, PointLineMap, correlative_search, icp
 from slam.posegraph import PoseGraph
 from slam.scan import scan_to_points

@@ -18,8 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from ctxtask.datasets.laser import LaserDataset, load_laser_dataset, score_relations
-from ctxtask.protocol import Sample
+from ctxtask.datasets.laser import (
+    LaserDataset,
+    load_laser_dataset,
+    scan_sample,
+    score_relations,
+)
 from slam.task import SlamTask
 
 
@@ -28,24 +32,6 @@ class Evaluation:
     poses: np.ndarray  # (N, 3) final pose of every processed scan
     summary: dict[str, Any]  # the task's terminate() summary
     metrics: dict[str, Any]  # the --json line
-
-
-def scan_sample(dataset: LaserDataset, k: int) -> Sample:
-    """Scan ``k`` of the log as the runtime would send it."""
-    g = dataset.geometry
-    return Sample(
-        id=k,
-        t_sensor=time.monotonic(),
-        kind="scan",
-        meta={
-            "angle_min": g.angle_min,
-            "angle_increment": g.angle_increment,
-            "max_range": g.max_valid_range,
-            "odom": [float(v) for v in dataset.odom_at_scans[k]],
-            "t_log": float(dataset.stamps[k]),
-        },
-        payload=np.ascontiguousarray(dataset.ranges[k], dtype="<f4").tobytes(),
-    )
 
 
 def evaluate(

@@ -15,10 +15,13 @@ numpy only: ``laser.yaml`` is a flat ``key: number`` mapping and is parsed here.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ctxtask.protocol import Sample
 
 # Relation stamps are copies of scan stamps; anything farther than this is a different scan.
 _STAMP_TOLERANCE_S = 1e-3
@@ -223,3 +226,25 @@ def score_relations(
     trans = np.hypot(est[:, 0] - relations[:, 2], est[:, 1] - relations[:, 3])
     rot = np.abs(np.angle(np.exp(1j * (est[:, 2] - relations[:, 4]))))
     return float(trans.mean()), float(np.degrees(rot.mean()))
+
+
+def scan_sample(
+    dataset: LaserDataset, k: int, *, sample_id: int | None = None, t_sensor: float | None = None
+) -> Sample:
+    """Scan ``k`` of the log as the runtime sends it to a SLAM task (one definition, used by
+    the host's replay and by the evaluator)."""
+    geo = dataset.geometry
+    return Sample(
+        id=k if sample_id is None else sample_id,
+        t_sensor=time.monotonic() if t_sensor is None else t_sensor,
+        kind="scan",
+        meta={
+            "angle_min": geo.angle_min,
+            "angle_increment": geo.angle_increment,
+            "max_range": geo.max_valid_range,
+            "odom": [float(v) for v in dataset.odom_at_scans[k]],
+            "t_log": float(dataset.stamps[k]),
+            "beams": int(dataset.ranges.shape[1]),
+        },
+        payload=np.ascontiguousarray(dataset.ranges[k], dtype="<f4").tobytes(),
+    )
