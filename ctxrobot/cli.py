@@ -309,12 +309,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # -- report / trace -----------------------------------------------------------------------
+def _run_dir(path: str) -> Path | None:
+    """The folder of a recorded run, or None after saying why it is not one."""
+    run_dir = Path(path)
+    if not (run_dir / "run.db").exists():
+        print(f"{run_dir}: no run.db here (give the --out folder of a run)", file=sys.stderr)
+        return None
+    return run_dir
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from ctxrobot.report import write_report
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "run.db").exists():
-        print(f"{run_dir}: no run.db here (give the --out folder of a run)", file=sys.stderr)
+    run_dir = _run_dir(args.run_dir)
+    if run_dir is None:
         return EXIT_USAGE
     for path in write_report(run_dir, Path(args.out) if args.out else run_dir):
         print(path)
@@ -324,9 +332,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:
     from ctxrobot.trace import write_trace
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "run.db").exists():
-        print(f"{run_dir}: no run.db here (give the --out folder of a run)", file=sys.stderr)
+    run_dir = _run_dir(args.run_dir)
+    if run_dir is None:
         return EXIT_USAGE
     out = Path(args.out) if args.out else run_dir / "trace.json"
     print(write_trace(run_dir, out))

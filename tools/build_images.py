@@ -16,6 +16,7 @@ Standard library only: it runs before (and independently of) the host venv's pac
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import shlex
@@ -125,6 +126,7 @@ def image_label(ref: str, label: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+@functools.cache
 def build_env() -> dict[str, str]:
     """BuildKit when the buildx plugin exists; else the classic builder (Debian's docker.io
     has no buildx, and a CLI that defaults to BuildKit would refuse to build)."""

@@ -20,12 +20,11 @@ class StreamingRecognizer:
         self.recognizer = recognizer
         self.segmenter = segmenter
         self.utterances = 0  #: utterances closed so far, including empty ones
-        self._open = False
 
     @property
     def speaking(self) -> bool:
         """True while an utterance is open (its text is not known yet)."""
-        return self._open
+        return self.segmenter.speaking
 
     def push(self, pcm: np.ndarray | bytes) -> list[str]:
         """Process one chunk; returns the texts of utterances that ended in it (usually none)."""
@@ -40,11 +39,9 @@ class StreamingRecognizer:
         for event in events:
             if event.start:
                 self.recognizer.start_utterance()
-                self._open = True
             if event.pcm:
                 self.recognizer.feed(event.pcm)
             if event.end:
-                self._open = False
                 self.utterances += 1
                 texts.append(self.recognizer.end_utterance())
         return texts
