@@ -15,6 +15,7 @@ keyframes moves every scan with them and a pose exists for every scan.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -158,10 +159,17 @@ class Slam:
         cfg = self.config
         odom = np.asarray(odom, dtype=np.float64)
         self._advance_optimisation()
-        scan = scan_to_points(ranges, angle_min, angle_increment, min(max_range, cfg.max_range_m))
+
+        # Fitting the scan's points and normals is the costly part of an update; a parked
+        # robot needs neither, so it is done at most once and only when a branch uses it.
+        @functools.cache
+        def scan() -> ScanPoints:
+            return scan_to_points(
+                ranges, angle_min, angle_increment, min(max_range, cfg.max_range_m)
+            )
 
         if not self.keyframes:
-            self._add_keyframe(odom.copy(), scan)
+            self._add_keyframe(odom.copy(), scan())
             self._record_scan(0, np.zeros(3))
             self._last_odom = self._matched_odom = odom
             return odom.copy()
@@ -178,7 +186,7 @@ class Slam:
         ):
             pose = prediction
         else:
-            pose = self._track(scan, prediction, step)
+            pose = self._track(scan(), prediction, step)
             self._matched_odom = odom
 
         ref = len(self.keyframes) - 1
@@ -186,7 +194,7 @@ class Slam:
         if np.hypot(rel[0], rel[1]) > cfg.keyframe_distance_m or abs(rel[2]) > (
             cfg.keyframe_angle_rad
         ):
-            k = self._add_keyframe(pose, scan)
+            k = self._add_keyframe(pose, scan())
             self.graph.add_edge(ref, k, rel, self._seq_info, robust=False)
             self._record_scan(k, np.zeros(3))
             self._try_loop_closure(k)
