@@ -40,10 +40,6 @@ class PoseGraph:
     def num_nodes(self) -> int:
         return len(self.poses)
 
-    @property
-    def num_edges(self) -> int:
-        return len(self._i)
-
     def add_node(self, pose: np.ndarray) -> int:
         self.poses = np.vstack([self.poses, np.asarray(pose, dtype=np.float64)[None]])
         return self.num_nodes - 1

@@ -23,10 +23,6 @@ class ScanPoints:
     points: np.ndarray  # (N, 2) all valid returns
     normals: np.ndarray  # (N, 2) unit normals; NaN where no line could be fitted
 
-    @property
-    def has_normal(self) -> np.ndarray:
-        return ~np.isnan(self.normals[:, 0])
-
 
 def scan_to_points(
     ranges: np.ndarray,
