@@ -667,38 +667,20 @@ def add_bench_parser(subparsers: Any) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _scenario_for(manifest: Any, path: Path | None) -> Any:
-    """The scenario the bench plays (validated now, so a typo fails before any run)."""
-    if path is None:
-        return manifest.scenario
-    from ctxrobot.manifest import load_scenario
-
-    scenario = load_scenario(path, manifest.data_dir)
-    missing = sorted({t.input for t in manifest.tasks} - set(scenario.sources))
-    if missing:
-        raise ValueError(
-            f"{path}: the manifest's tasks read source(s) {', '.join(missing)}, which this "
-            f"scenario does not define"
-        )
-    return scenario
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ctxrobot.manifest import ManifestError, load_manifest
+    from ctxrobot.manifest import ManifestError, load_manifest, with_scenario
     from ctxrobot.rules import critical_rules
 
     config = Path(args.config).resolve()
+    scenario_path = QUICK_SCENARIO if args.quick else args.scenario
     try:
         manifest = load_manifest(config)
-        scenario = _scenario_for(
-            manifest, QUICK_SCENARIO if args.quick else (args.scenario and Path(args.scenario))
-        )
+        if scenario_path:
+            manifest = with_scenario(manifest, scenario_path)
     except ManifestError as err:
-        print("\n".join(err.problems), file=sys.stderr)
+        print(err, file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, ValueError) as err:
-        print(f"ctxrobot bench: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    scenario = manifest.scenario
     out = Path(args.out) if args.out else Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
     if out.exists() and any(out.iterdir()):
         print(f"ctxrobot bench: {out} is not empty; give a new --out", file=sys.stderr)

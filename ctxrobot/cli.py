@@ -27,18 +27,15 @@ def _default_config() -> Path:
     return Path(__file__).resolve().parents[1] / "config" / "robot.yaml"
 
 
-def _load_manifest_or_report(path: Path) -> Any:
-    """The manifest, or None after printing every problem in it."""
-    from ctxrobot.manifest import ManifestError, load_manifest
+def _load_manifest_or_report(path: Path, scenario: str | None = None) -> Any:
+    """The manifest (playing `scenario` if given), or None after printing every problem."""
+    from ctxrobot.manifest import ManifestError, load_manifest, with_scenario
 
     try:
-        return load_manifest(path)
+        manifest = load_manifest(path)
+        return with_scenario(manifest, scenario) if scenario else manifest
     except ManifestError as err:
-        for problem in err.problems:
-            print(problem, file=sys.stderr)
-        return None
-    except FileNotFoundError:
-        print(f"{path}: no such file", file=sys.stderr)
+        print(err, file=sys.stderr)
         return None
 
 
@@ -86,13 +83,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ctxrobot.runtime import RunFailed, RunOptions, Runtime
     from ctxrobot.store import print_summary
 
-    manifest = _load_manifest_or_report(Path(args.config))
+    manifest = _load_manifest_or_report(Path(args.config), args.scenario)
     if manifest is None:
         return EXIT_USAGE
-    if args.scenario:
-        manifest = _with_scenario(manifest, Path(args.scenario))
-        if manifest is None:
-            return EXIT_USAGE
     only = tuple(args.only.split(",")) if args.only else None
     unknown = sorted(set(only or ()) - {t.name for t in manifest.tasks})
     if unknown:
@@ -132,29 +125,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             print(json.dumps(summary))
     return status
-
-
-def _with_scenario(manifest: Any, path: Path) -> Any:
-    """The manifest with another scenario, or None after printing why it does not fit."""
-    import dataclasses
-
-    from ctxrobot.manifest import ManifestError, load_scenario
-
-    try:
-        scenario = load_scenario(path, manifest.data_dir)
-    except ManifestError as err:
-        for problem in err.problems:
-            print(problem, file=sys.stderr)
-        return None
-    missing = sorted({t.input for t in manifest.tasks} - set(scenario.sources))
-    if missing:
-        print(
-            f"{path}: the manifest's tasks read source(s) {', '.join(missing)}, which this "
-            f"scenario does not define (it has: {', '.join(scenario.sources)})",
-            file=sys.stderr,
-        )
-        return None
-    return dataclasses.replace(manifest, scenario=scenario)
 
 
 def _memory_arg(text: str) -> int:

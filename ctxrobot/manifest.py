@@ -15,6 +15,7 @@ fix it. The loaded ``Manifest`` holds resolved values: absolute paths, bytes and
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import os
@@ -483,7 +484,8 @@ def _describe(value: object) -> str:
     if isinstance(value, int | float):
         return f"the number {value}"
     if isinstance(value, str):
-        return f"the string {value!r}"
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        return f"the string {shown!r}"
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):
@@ -973,6 +975,27 @@ def load_scenario(path: str | Path, data_dir: str | Path | None = None) -> Scena
     if problems or scenario is None:
         raise ManifestError(problems)
     return scenario
+
+
+def with_scenario(manifest: Manifest, path: str | Path) -> Manifest:
+    """The manifest playing another scenario (`run --scenario`, `bench`). Raises
+    ``ManifestError`` when the scenario does not load or lacks a source the tasks read."""
+    scenario = load_scenario(path, manifest.data_dir)
+    missing = sorted({t.input for t in manifest.tasks} - set(scenario.sources))
+    if missing:
+        raise ManifestError(
+            [
+                Problem(
+                    str(path),
+                    1,
+                    1,
+                    f"the manifest's tasks read source(s) {', '.join(missing)}, which this "
+                    f"scenario does not define (it has: {', '.join(scenario.sources)}); add "
+                    "them or pick a scenario made for this robot",
+                )
+            ]
+        )
+    return dataclasses.replace(manifest, scenario=scenario)
 
 
 def load_manifest(path: str | Path) -> Manifest:

@@ -101,3 +101,32 @@ def test_eval_of_a_missing_folder(tmp_path: Path) -> None:
     proc = ctxrobot("eval", "slam", str(tmp_path / "missing"))
     assert proc.returncode == 2
     assert "not a folder" in proc.stderr
+
+
+def test_bench_reports_a_missing_manifest_as_file_line(tmp_path: Path) -> None:
+    missing = tmp_path / "robot.yaml"
+    proc = ctxrobot("bench", "--config", str(missing))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"{missing}:1:1: cannot read")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_a_scenario_without_the_tasks_sources_is_refused(tmp_path: Path, command: str) -> None:
+    scenario = tmp_path / "mic-only.yaml"
+    scenario.write_text(
+        "version: 1\nduration_s: 10\nsources:\n"
+        "  mic: {kind: audio_replay, chunk_ms: 100, play: []}\n"
+    )
+    proc = ctxrobot(command, "--scenario", str(scenario), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert f"{scenario}:1:1: the manifest's tasks read source(s) camera, lidar" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_yaml_file_is_described_briefly(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("just some words " * 40)
+    proc = ctxrobot("validate", str(text))
+    assert proc.returncode == 2
+    assert "must be a mapping" in proc.stderr and len(proc.stderr) < 300
