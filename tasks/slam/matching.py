@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from scipy.spatial import cKDTree
 
-from slam.se2 import transform_points
+from slam.se2 import transform_points, wrap
 
 
 class PointLineMap:
@@ -85,7 +85,7 @@ def icp(
         h = hessian / point_sigma_m**2
         if prior is not None and prior_info is not None:
             err = x - prior
-            err[2] = (err[2] + np.pi) % (2 * np.pi) - np.pi
+            err[2] = wrap(err[2])
             h += prior_info
             grad += prior_info @ err
         try:
@@ -102,7 +102,7 @@ def icp(
     inl = np.abs(r) < inlier_m
     n_in = int(inl.sum())
     rmse = float(np.sqrt(np.mean(r[inl] ** 2))) if n_in else float("inf")
-    x[2] = (x[2] + np.pi) % (2 * np.pi) - np.pi
+    x[2] = wrap(x[2])
     return MatchResult(x, n_in / len(points), n_in, rmse, hessian)
 
 
