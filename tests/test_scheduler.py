@@ -272,9 +272,7 @@ def test_demand_is_measured_from_cumulative_usage() -> None:
     rig = Rig(CtxPolicy(), ncpus=2)
     rig.scheduler.start()
     for t in (1.0, 2.0, 3.0):  # the runtime's usage sampler, once a second
-        rig.vts.schedule_absolute(
-            t, lambda _s, _st, t=t: rig.scheduler.record_usage(sample(), t)
-        )
+        rig.vts.schedule_absolute(t, lambda _s, _st, t=t: rig.scheduler.record_usage(sample(), t))
     rig.vts.advance_to(3.0)
     tasks = rig.scheduler.state.tasks
     assert tasks["slam"].demand == pytest.approx(0.25, rel=1e-3)  # of a 2-CPU machine
