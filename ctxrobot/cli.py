@@ -510,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="output file (default: RUN_DIR/trace.json)")
     p.set_defaults(func=cmd_trace)
 
-    from ctxrobot.datafetch import add_data_parser
+    from ctxrobot.data.fetch import add_data_parser
 
     add_data_parser(sub)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctxrobot import datafetch as df
+from ctxrobot.data import fetch as df
 from tests.conftest import require_data
 
 GTSRB = "signs/gtsrb-test-subset"
