@@ -34,6 +34,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ctxrobot.errors import UserError
+
 BENCH_POLICIES = ("isolated", "cfs", "weights", "ctx")
 QUICK_SCENARIO = Path(__file__).resolve().parents[1] / "config" / "scenarios" / "bench-quick.yaml"
 
@@ -144,8 +146,14 @@ def execute(cmd: Sequence[str], out_dir: Path, timeout_s: float) -> dict[str, An
             summary = json.loads(lines[-1])
         except json.JSONDecodeError:
             summary = None
+    log_lines = log_path.read_text(errors="replace").splitlines()
+    if proc.returncode == EXIT_USAGE and log_lines:
+        # The run's own one-line verdict on the user's input or machine: it holds for every
+        # run of the bench, so say it as it is instead of as one run's failure.
+        message = log_lines[-1].removeprefix("ctxrobot run: ")
+        raise UserError(f"{message} (log: {log_path})")
     if proc.returncode != 0 or summary is None or summary.get("failure"):
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        tail = "\n".join(log_lines[-15:])
         raise BenchError(f"run failed (exit {proc.returncode}); log: {log_path}\n{tail}")
     return summary
 
@@ -670,6 +678,7 @@ def add_bench_parser(subparsers: Any) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ctxrobot.manifest import ManifestError, load_manifest, with_scenario
     from ctxrobot.rules import critical_rules
+    from ctxrobot.runtime import run_folder
 
     config = Path(args.config).resolve()
     scenario_path = QUICK_SCENARIO if args.quick else args.scenario
@@ -681,7 +690,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(err, file=sys.stderr)
         return EXIT_USAGE
     scenario = manifest.scenario
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
+    out = run_folder(args.out, prefix="bench-")
     if out.exists() and any(out.iterdir()):
         print(f"ctxrobot bench: {out} is not empty; give a new --out", file=sys.stderr)
         return EXIT_USAGE
@@ -690,7 +699,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     task_inputs = {t.name: t.input for t in manifest.tasks}
     crit = critical_rules(manifest.rules)
     memory = None if args.memory is None else str(args.memory)
-    runs = plan_runs(args.policies, tasks, args.repeat, out.resolve())
+    runs = plan_runs(args.policies, tasks, args.repeat, out)
     # Each task's socket lives in its run folder; a deep OUT would fail the first run.
     longest = max((socket_path(r, t) for r in runs for t in tasks), key=lambda p: len(str(p)))
     if len(str(longest)) > UNIX_PATH_MAX:

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from ctxrobot.errors import CgroupPermissionError
+
 log = logging.getLogger(__name__)
 
 WEIGHT_MIN, WEIGHT_MAX, WEIGHT_DEFAULT = 1, 10000, 100
@@ -462,6 +464,11 @@ class ParentCgroup:
                 self._create_v2()
             else:
                 self._create_v1()
+        except PermissionError as err:
+            raise CgroupPermissionError(
+                f"no permission to create the envelope cgroup {err.filename or self.name}: "
+                "run as root (or with write access to the cgroup tree), or drop --cpus/--memory"
+            ) from err
         except OSError as err:
             raise CgroupError(f"cannot create cgroup {self.name}: {err}", err.errno) from err
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from ctxrobot.errors import UserError
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 log = logging.getLogger("ctxrobot")
@@ -80,7 +82,7 @@ class _StopOnSignal:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ctxrobot.runtime import RunFailed, RunOptions, Runtime
+    from ctxrobot.runtime import RunFailed, RunOptions, Runtime, run_folder
     from ctxrobot.store import print_summary
 
     manifest = _load_manifest_or_report(Path(args.config), args.scenario)
@@ -91,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"ctxrobot run: --only names unknown task(s): {', '.join(unknown)}", file=sys.stderr)
         return EXIT_USAGE
-    out = Path(args.out) if args.out else _default_run_dir()
+    out = run_folder(args.out)
     runtime = Runtime(
         manifest,
         RunOptions(
@@ -137,21 +139,15 @@ def _memory_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _default_run_dir() -> Path:
-    import time
-
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-
-
 # -- daemon, ctl, dash ---------------------------------------------------------------------
 def cmd_daemon(args: argparse.Namespace) -> int:
     from ctxrobot.daemon import Daemon, DaemonOptions
-    from ctxrobot.runtime import RunFailed
+    from ctxrobot.runtime import RunFailed, run_folder
 
     config = Path(args.config)
     if _load_manifest_or_report(config) is None:
         return EXIT_USAGE
-    out = Path(args.out) if args.out else _default_run_dir()
+    out = run_folder(args.out)
     try:
         daemon = Daemon(
             DaemonOptions(
@@ -553,7 +549,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
-    return int(args.func(args))
+    return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the subcommand; a problem the user can fix is one line and exit 2, anything else
+    one line and exit 1 — never a traceback unless `-v` asks for it."""
+    try:
+        return int(args.func(args))
+    except UserError as err:
+        log.debug("details", exc_info=True)
+        print(f"ctxrobot {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:
+        log.debug("details", exc_info=True)
+        hint = "" if args.verbose else " (run with -v for the details)"
+        print(f"ctxrobot {args.command}: {type(err).__name__}: {err}{hint}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from ctxrobot.cgroups import (
     quota_us,
     weight_to_shares,
 )
+from ctxrobot.errors import EngineUnavailableError, ImageMissingError, MountError
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +50,40 @@ class ContainerError(RuntimeError):
     """A container could not be created, found or controlled."""
 
 
+def _mount_problem(explanation: str) -> str | None:
+    """``SOURCE at TARGET (why)`` from the OCI runtime's refusal of a bind mount, whose
+    message also names the overlay path of the container's root filesystem (noise)."""
+    match = re.search(r'error mounting "([^"]+)" to rootfs at "([^"]+)": (.*)', explanation)
+    if match is None:
+        return None
+    source, target, why = match.groups()
+    why = re.sub(r'"[^"]*"\s*', "", why).removesuffix(": unknown").strip()
+    return f"{source} at {target} ({why})"
+
+
+def connect() -> docker.DockerClient:
+    """A client of the engine ``DOCKER_HOST`` names (default: the local socket)."""
+    try:
+        return docker.from_env()
+    except docker.errors.DockerException as err:
+        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        raise EngineUnavailableError(
+            f"the Docker engine does not answer at {where}: start it with tools/setup "
+            "(or `systemctl start docker`)"
+        ) from err
+
+
 @dataclass(frozen=True)
 class BindMount:
-    """A host path bind-mounted into the container."""
+    """A host path bind-mounted into the container. ``source`` is made absolute here, at
+    the one place every mount is built: Docker rejects a relative bind source."""
 
     source: Path | str
     target: str
     read_only: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source", Path(self.source).resolve())
 
 
 @dataclass(frozen=True)
@@ -160,7 +189,7 @@ class DockerBackend:
         instance: int | None = None,
         cgroup_root: Path = Path("/"),
     ) -> None:
-        self.client = client if client is not None else docker.from_env()
+        self.client = client if client is not None else connect()
         self.instance = os.getpid() if instance is None else instance
         self.cgroup_root = cgroup_root
         self._warned_fallback = False
@@ -215,13 +244,26 @@ class DockerBackend:
                 detach=True,
             )
         except docker.errors.ImageNotFound as err:
-            raise ContainerError(f"image {spec.image!r} not found; run tools/setup") from err
+            raise ImageMissingError(
+                f"image {spec.image!r} of task {spec.task!r} is not built: run tools/setup"
+            ) from err
         except docker.errors.APIError as err:
+            if "mount" in str(err.explanation or ""):
+                raise MountError(
+                    f"task {spec.task!r}: Docker refused a mount ({err.explanation}); check the "
+                    "task's mounts in the manifest (host paths must exist)"
+                ) from err
             raise ContainerError(f"cannot create container {spec.name!r}: {err}") from err
         try:
             container.start()
         except docker.errors.APIError as err:
             container.remove(force=True)
+            problem = _mount_problem(str(err.explanation or ""))
+            if problem:
+                raise MountError(
+                    f"task {spec.task!r}: Docker cannot mount {problem}; check the task's mounts "
+                    "in the manifest"
+                ) from err
             raise ContainerError(f"cannot start container {spec.name!r}: {err}") from err
         container.reload()
         return container

@@ -13,6 +13,7 @@ Why these choices:
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from reactivex.abc import DisposableBase
 
 from ctxrobot.bus import EventBus
+from ctxrobot.errors import PortInUseError
 from ctxrobot.events import (
     AllocationApplied,
     ContextChanged,
@@ -201,9 +203,17 @@ class MetricsExporter:
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Start the HTTP exporter on a daemon thread; returns the bound port (0 → ephemeral)."""
-        self._server, self._server_thread = start_http_server(
-            port, addr=addr, registry=self.registry
-        )
+        try:
+            self._server, self._server_thread = start_http_server(
+                port, addr=addr, registry=self.registry
+            )
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise
+            raise PortInUseError(
+                f"metrics port {addr}:{port} is in use: choose another --metrics-port "
+                "(0 picks a free one)"
+            ) from err
         return int(self._server.server_port)
 
     def close(self) -> None:

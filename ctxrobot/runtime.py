@@ -26,6 +26,7 @@ from ctxrobot.bus import EventBus
 from ctxrobot.cgroups import CgroupError, CpuController, ParentCgroup
 from ctxrobot.channel import TaskChannel
 from ctxrobot.containers import BindMount, ContainerSpec, DockerBackend
+from ctxrobot.errors import DataMissingError
 from ctxrobot.events import TaskStateChanged
 from ctxrobot.manifest import Manifest, TaskSpec
 from ctxrobot.sources import ScenarioPlayer, build_sources
@@ -54,6 +55,18 @@ class RunOptions:
     connect_timeout_s: float = 180.0  # model loading on a Pi takes a while
     metrics_port: int | None = None
     loop: bool = False  # the daemon replays its scenario until stopped
+
+    def __post_init__(self) -> None:
+        # The run folder becomes bind-mount sources (task sockets) and is logged for the
+        # user: relative to the caller's working directory it would be neither.
+        self.out_dir = self.out_dir.resolve()
+
+
+def run_folder(out: str | None, prefix: str = "") -> Path:
+    """The absolute run folder for ``--out`` (None: ``runs/<prefix><time>`` here)."""
+    if out is not None:
+        return Path(out).resolve()
+    return (Path("runs") / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}").resolve()
 
 
 class RunFailed(RuntimeError):
@@ -109,6 +122,12 @@ class Runtime:
             raise
 
     def _start(self) -> None:
+        data = self.manifest.data_dir
+        if not data.is_dir():
+            raise DataMissingError(
+                f"data folder {data} not found: set CTXROBOT_DATA to the shared data folder "
+                "(it holds slam/, signs/, speech/), or download it with `ctxrobot data fetch`"
+            )
         _become_realtime()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         scenario = self.manifest.scenario
@@ -136,11 +155,12 @@ class Runtime:
         )
         self.store.attach(self.bus)
         self.backend = DockerBackend()
+        # The envelope needs write access to the cgroup tree: fail on it before anything runs.
+        self._cgroup_parent = self._make_parent()
         stale = self.backend.cleanup()
         if stale:
             log.warning("removed containers left by a previous instance: %s", ", ".join(stale))
         self._guard = guard.spawn(self.run_id)
-        self._cgroup_parent = self._make_parent()
         for spec in self.tasks:
             self._start_task(spec)
         for spec in self.tasks:
@@ -292,6 +312,17 @@ class Runtime:
     def failed_tasks(self) -> dict[str, str]:
         """Tasks whose connection failed (the container died or misbehaved)."""
         return {n: str(c.error) for n, c in self.channels.items() if c.error is not None}
+
+    def exit_code(self, task: str) -> int | None:
+        """The exit status of a task's container, or None while it still runs (or is gone)."""
+        assert self.backend is not None
+        container = self.backend.get(self.container_names[task])
+        if container is None:
+            return None
+        container.reload()
+        if container.status != "exited":
+            return None
+        return int(container.attrs["State"]["ExitCode"])
 
     def _start_metrics(self) -> None:
         if self.options.metrics_port is None:
