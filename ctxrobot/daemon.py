@@ -18,7 +18,7 @@ from typing import Any
 
 from ctxrobot.control import ControlError, ControlServer
 from ctxrobot.events import TaskStateChanged
-from ctxrobot.manifest import ManifestError, load_manifest
+from ctxrobot.manifest import ManifestError, RestartSpec, load_manifest
 from ctxrobot.rules import critical_rules
 from ctxrobot.runtime import RunFailed, RunOptions, Runtime
 from ctxrobot.status import StatusBoard
@@ -38,6 +38,11 @@ class DaemonOptions:
     metrics_port: int | None = None
 
 
+#: Longest wait between two restarts: `always` restarts forever, and a doubling back-off
+#: would otherwise leave a robot without the task for hours after a bad night.
+MAX_BACKOFF_S = 60.0
+
+
 @dataclass
 class _Restarts:
     """Back-off bookkeeping of one task."""
@@ -45,6 +50,23 @@ class _Restarts:
     count: int = 0
     due: float | None = None  # when the next restart attempt may run
     given_up: bool = False
+
+
+def should_restart(policy: RestartSpec, exit_code: int | None, restarts: int) -> bool:
+    """Whether a task that stopped serving is started again, as Docker's restart policies
+    mean it: ``never``; ``on-failure`` after a non-zero exit or a broken connection (the
+    container still runs: ``exit_code`` None), at most ``max_retries`` times; ``always``
+    after any exit, a clean one included, with no limit on the count."""
+    if policy.policy == "never":
+        return False
+    if policy.policy == "always":
+        return True
+    return exit_code != 0 and restarts < policy.max_retries
+
+
+def backoff_s(policy: RestartSpec, restarts: int) -> float:
+    """The wait before restart number ``restarts + 1``: doubling, capped."""
+    return min(MAX_BACKOFF_S, policy.backoff_s * 2.0**restarts)
 
 
 class Daemon:
@@ -165,17 +187,19 @@ class Daemon:
                 if state.given_up:
                     continue
                 if state.due is None:
+                    exit_code = self.runtime.exit_code(name)
                     self._publish(name, "crashed", error)
-                    if policy.policy == "never" or state.count >= policy.max_retries:
+                    if not should_restart(policy, exit_code, state.count):
                         state.given_up = True
                         self._publish(
                             name,
                             "failed",
-                            f"not restarted (policy {policy.policy}, "
+                            f"not restarted (policy {policy.policy}, exit status "
+                            f"{'-' if exit_code is None else exit_code}, "
                             f"{state.count} restart(s) so far)",
                         )
                         continue
-                    state.due = now + policy.backoff_s * (2**state.count)
+                    state.due = now + backoff_s(policy, state.count)
                     self._publish(name, "restarting", f"in {state.due - now:.1f} s")
                 elif now >= state.due:
                     state.count += 1

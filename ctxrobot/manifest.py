@@ -333,9 +333,15 @@ class QueueSpec(BaseModel):
 
 
 class RestartSpec(BaseModel):
+    """What the daemon does when a task's container stops serving (Docker's meanings)."""
+
     model_config = _MODEL
-    policy: Literal["never", "on-failure", "always"] = "on-failure"
-    max_retries: Annotated[int, Field(ge=0)] = 5
+    policy: Literal["never", "on-failure", "always"] = Field(
+        "on-failure",
+        description="never; on-failure: after a non-zero exit or a broken connection, at most "
+        "max_retries times; always: after any exit, a clean one too, without limit",
+    )
+    max_retries: Annotated[int, Field(ge=0, description="on-failure only")] = 5
     backoff_s: Annotated[float, Field(ge=0)] = 1.0
 
 
