@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, docker_problem
+from tests.conftest import REPO, docker_problem, skip_unless_ci
 
 pytestmark = pytest.mark.docker
 
@@ -63,7 +63,7 @@ def pinned_requirements(task: str) -> dict[str, str]:
 def _docker_engine() -> None:
     problem = docker_problem()
     if problem:
-        pytest.skip(problem)
+        skip_unless_ci(problem)
 
 
 @pytest.mark.parametrize("image", IMAGES)

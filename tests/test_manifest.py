@@ -16,7 +16,7 @@ from ctxrobot.manifest import (
     load_scenario,
     validate_file,
 )
-from ctxtask.datasets import data_dir as real_data_dir
+from tests.conftest import require_data
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config"
@@ -95,9 +95,7 @@ def test_shipped_configs_are_valid(path: Path) -> None:
 def test_default_scenario_changes_context_every_few_seconds() -> None:
     """Voice and sign events alone must change the context every 3-4 s on average, and no
     quiet stretch may last long (motion adds more changes on top)."""
-    data = real_data_dir()
-    if not (data / "speech" / "audio").is_dir():
-        pytest.skip(f"speech recordings not found under {data} (set CTXROBOT_DATA)")
+    data = require_data("speech/audio").parents[1]
     scenario = load_scenario(CONFIG / "scenarios" / "default.yaml", data)
     changes: list[float] = []
     for play in scenario.sources["mic"].play:
