@@ -1,3 +1,3 @@
-"""Data the tasks are judged on: `ctxrobot data fetch` (public originals, verified, derived
-into the shared layout). May import `ctxtask` and the standard library; nothing of the runtime.
+"""The shared data folder's catalogue and `ctxrobot data fetch`, which rebuilds it from public
+originals. May import only the standard library, third-party packages and `ctxtask`.
 """
