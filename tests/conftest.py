@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def ctxrobot(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the `ctxrobot` command line as a user would: a real process, from the repo."""
     return subprocess.run(
-        [sys.executable, "-m", "ctxrobot.cli", *args],
+        [sys.executable, "-m", "ctxrobot", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ctxrobot.bus import EventBus
-from ctxrobot.events import (
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import (
     AllocationApplied,
     ContextChanged,
     RuleChanged,
@@ -30,7 +30,7 @@ from ctxrobot.events import (
     TaskResult,
     TaskStateChanged,
 )
-from ctxrobot.store import RunStore
+from ctxrobot.observe.store import RunStore
 
 TASKS = [
     # name, image, deadline_ms, cpu_min, cpu_max

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from ctxrobot.actuator import TaskAllocation
-from ctxrobot.bench import BENCH_POLICIES, critical_latencies, plan_runs
-from ctxrobot.manifest import load_manifest
-from ctxrobot.policy import CtxPolicy, TaskState
-from ctxrobot.rules import TaskDirective, critical_rules
-from ctxrobot.store import RunStore
+from ctxrobot.actuate.actuator import TaskAllocation
+from ctxrobot.bench.bench import BENCH_POLICIES, critical_latencies, plan_runs
+from ctxrobot.manifest.schema import load_manifest
+from ctxrobot.observe.store import RunStore
+from ctxrobot.sched.policy import CtxPolicy, TaskState
+from ctxrobot.sched.rules import TaskDirective, critical_rules
 from tests.conftest import REPO, ctxrobot, require_data, require_image
 
 ROBOT = REPO / "config" / "robot.yaml"

@@ -9,8 +9,8 @@ import tracemalloc
 import pytest
 from reactivex import operators as ops
 
-from ctxrobot.bus import EventBus
-from ctxrobot.events import AudioLevel, LaserScan
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import AudioLevel, LaserScan
 
 
 def level(i: int) -> AudioLevel:

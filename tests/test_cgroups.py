@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ctxrobot import cgroups
-from ctxrobot.actuator import Actuator, TaskAllocation
-from ctxrobot.cgroups import (
+from ctxrobot.actuate import cgroups
+from ctxrobot.actuate.actuator import Actuator, TaskAllocation
+from ctxrobot.actuate.cgroups import (
     CgroupError,
     CgroupV1Controller,
     CgroupV2Controller,

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from ctxrobot.bus import EventBus
-from ctxrobot.channel import RateGate, TaskChannel
-from ctxrobot.events import SampleDropped, TaskResult
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import SampleDropped, TaskResult
+from ctxrobot.streams.channel import RateGate, TaskChannel
 from ctxtask import protocol, runner
 from ctxtask.protocol import Sample
 from ctxtask.task import Task

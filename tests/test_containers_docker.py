@@ -22,9 +22,14 @@ import psutil
 import pytest
 from docker.models.containers import Container
 
-from ctxrobot.actuator import Actuator, TaskAllocation
-from ctxrobot.cgroups import CgroupV1Controller, CgroupV2Controller, CpuController, ParentCgroup
-from ctxrobot.containers import (
+from ctxrobot.actuate.actuator import Actuator, TaskAllocation
+from ctxrobot.actuate.cgroups import (
+    CgroupV1Controller,
+    CgroupV2Controller,
+    CpuController,
+    ParentCgroup,
+)
+from ctxrobot.actuate.docker import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
     LABEL_RUN,
@@ -248,7 +253,7 @@ def test_controller_for_falls_back_when_cgroups_are_unreachable(
 ) -> None:
     container = start_burner("burn")
     blind = DockerBackend(backend.client, cgroup_root=tmp_path)  # no /proc, no cgroups there
-    with caplog.at_level(logging.WARNING, logger="ctxrobot.containers"):
+    with caplog.at_level(logging.WARNING, logger="ctxrobot.actuate.docker"):
         first = blind.controller_for(container)
         second = blind.controller_for(container.name)
     assert isinstance(first, DockerApiController)

@@ -8,8 +8,24 @@ from pathlib import Path
 import pytest
 from reactivex.scheduler import VirtualTimeScheduler
 
-from ctxrobot.bus import EventBus
-from ctxrobot.context import (
+from ctxrobot.manifest.schema import (
+    ContextSpec,
+    HostContext,
+    MotionContext,
+    ObstacleContext,
+    SignContext,
+    VoiceContext,
+)
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import (
+    AudioLevel,
+    ContextChanged,
+    HostReading,
+    LaserScan,
+    Odometry,
+    TaskResult,
+)
+from ctxrobot.sched.context import (
     ContextTracker,
     SerializedScheduler,
     host_readings,
@@ -19,22 +35,6 @@ from ctxrobot.context import (
     read_host,
     sign_signals,
     voice_signals,
-)
-from ctxrobot.events import (
-    AudioLevel,
-    ContextChanged,
-    HostReading,
-    LaserScan,
-    Odometry,
-    TaskResult,
-)
-from ctxrobot.manifest import (
-    ContextSpec,
-    HostContext,
-    MotionContext,
-    ObstacleContext,
-    SignContext,
-    VoiceContext,
 )
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import psutil
 import pytest
 
-from ctxrobot.containers import DockerBackend
-from ctxrobot.control import ControlClient, ControlError
+from ctxrobot.actuate.docker import DockerBackend
+from ctxrobot.service.control import ControlClient, ControlError
 from tests.conftest import REPO, require_data, require_image
 
 pytestmark = pytest.mark.docker
@@ -108,7 +108,7 @@ class Daemon:
             [
                 sys.executable,
                 "-m",
-                "ctxrobot.cli",
+                "ctxrobot",
                 "daemon",
                 "--config",
                 str(self.config),
@@ -135,7 +135,7 @@ class Daemon:
         return all(t["state"] == "running" and t["samples"] > 0 for t in status["tasks"].values())
 
     def ctl(self, *args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "ctxrobot.cli", "ctl", "--socket", str(self.socket), *args]
+        cmd = [sys.executable, "-m", "ctxrobot", "ctl", "--socket", str(self.socket), *args]
         if user is not None:
             cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
@@ -254,7 +254,7 @@ def test_reload_swaps_rules_and_refuses_a_broken_file(daemon: Daemon) -> None:
 
 
 def test_dash_once_and_json(daemon: Daemon) -> None:
-    base = [sys.executable, "-m", "ctxrobot.cli", "dash", "--socket", str(daemon.socket)]
+    base = [sys.executable, "-m", "ctxrobot", "dash", "--socket", str(daemon.socket)]
     once = subprocess.run(
         [*base, "--once", "--width", "140"], capture_output=True, text=True, timeout=60, cwd=REPO
     )
@@ -272,7 +272,7 @@ def test_live_dashboard_in_a_terminal(daemon: Daemon) -> None:
     if shutil.which("tmux") is None:
         pytest.skip("tmux is needed to drive the dashboard in a pseudo-terminal")
     session = f"ctxdash{os.getpid()}"
-    cmd = f"{sys.executable} -m ctxrobot.cli dash --socket {daemon.socket}"
+    cmd = f"{sys.executable} -m ctxrobot dash --socket {daemon.socket}"
     subprocess.run(
         ["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "45", "-c", str(REPO), cmd],
         check=True,

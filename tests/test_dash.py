@@ -18,17 +18,17 @@ import numpy as np
 import pytest
 from textual.widgets import DataTable
 
-from ctxrobot.actuator import TaskAllocation
-from ctxrobot.bus import EventBus
-from ctxrobot.dash import SORTS, DashApp, recent_text, snapshot_text, sort_tasks, sparkline
-from ctxrobot.events import (
+from ctxrobot.actuate.actuator import TaskAllocation
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import (
     AllocationApplied,
     ContextChanged,
     RuleChanged,
     TaskResult,
     TaskStateChanged,
 )
-from ctxrobot.status import StatusBoard
+from ctxrobot.observe.dash import SORTS, DashApp, recent_text, snapshot_text, sort_tasks, sparkline
+from ctxrobot.observe.status import StatusBoard
 
 STATUS: dict[str, Any] = {
     "daemon": {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ctxrobot.manifest import (
+from ctxrobot.manifest.schema import (
     ManifestError,
     Problem,
     Resources,

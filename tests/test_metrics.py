@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ctxrobot.bus import EventBus
-from ctxrobot.events import (
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import (
     AllocationApplied,
     ContextChanged,
     RuleChanged,
@@ -19,7 +19,7 @@ from ctxrobot.events import (
     TaskResult,
     TaskStateChanged,
 )
-from ctxrobot.metrics import LATENCY_BUCKETS_S, MetricsExporter
+from ctxrobot.observe.metrics import LATENCY_BUCKETS_S, MetricsExporter
 
 LATENCIES_MS = {"slam": [0.8, 3.0, 40.0, 95.0, 120.0, 1500.0], "signs": [60.0, 250.0]}
 DEADLINES_MS = {"slam": 100.0, "signs": 200.0, "speech": None}

@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from ctxrobot.actuator import TaskAllocation
-from ctxrobot.policy import (
+from ctxrobot.actuate.actuator import TaskAllocation
+from ctxrobot.sched.policy import (
     CfsPolicy,
     CtxPolicy,
     StaticPolicy,
@@ -18,7 +18,7 @@ from ctxrobot.policy import (
     feedback_direction,
     make_policy,
 )
-from ctxrobot.rules import TaskDirective
+from ctxrobot.sched.rules import TaskDirective
 
 CRITICAL = TaskDirective(critical=True, share=0.6)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from obsdata import MOVING, TASKS, VOICE, record_run
 
-from ctxrobot.report import allocated_from_allocations, context_bands, write_report
-from ctxrobot.store import RunStore, read_run
-from ctxrobot.trace import write_trace
+from ctxrobot.observe.report import allocated_from_allocations, context_bands, write_report
+from ctxrobot.observe.store import RunStore, read_run
+from ctxrobot.observe.trace import write_trace
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from ctxrobot.rules import (
+from ctxrobot.sched.rules import (
     CONTEXT_SIGNALS,
     ExpressionError,
     RuleBook,

@@ -108,7 +108,7 @@ def start_run(manifest: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
         [
             sys.executable,
             "-m",
-            "ctxrobot.cli",
+            "ctxrobot",
             "run",
             "--config",
             str(manifest),
@@ -268,7 +268,7 @@ def test_kill_9_leaves_nothing_behind(tmp_path: Path, data: Path) -> None:
             text=True,
             check=True,
         ).stdout.strip()
-        from ctxrobot.cgroups import discover
+        from ctxrobot.actuate.cgroups import discover
 
         discover(int(pid)).freeze()
         os.kill(proc.pid, signal.SIGKILL)

@@ -12,10 +12,10 @@ import pytest
 from reactivex.abc import SchedulerBase
 from reactivex.scheduler import VirtualTimeScheduler
 
-from ctxrobot.actuator import Allocation, TaskAllocation
-from ctxrobot.bus import EventBus
-from ctxrobot.context import ContextTracker, voice_signals
-from ctxrobot.events import (
+from ctxrobot.actuate.actuator import Allocation, TaskAllocation
+from ctxrobot.manifest.schema import load_manifest
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import (
     AllocationApplied,
     AudioLevel,
     ContextChanged,
@@ -23,8 +23,8 @@ from ctxrobot.events import (
     TaskResult,
     TaskStateChanged,
 )
-from ctxrobot.manifest import load_manifest
-from ctxrobot.policy import (
+from ctxrobot.sched.context import ContextTracker, voice_signals
+from ctxrobot.sched.policy import (
     CfsPolicy,
     CtxPolicy,
     Policy,
@@ -32,8 +32,8 @@ from ctxrobot.policy import (
     TaskState,
     WeightsPolicy,
 )
-from ctxrobot.rules import RuleSpec
-from ctxrobot.scheduler import ContextScheduler, build_scheduler
+from ctxrobot.sched.rules import RuleSpec
+from ctxrobot.sched.scheduler import ContextScheduler, build_scheduler
 from tests.conftest import REPO, require_data
 
 WRITE_S = 0.0005  # what one apply "costs" on the virtual clock

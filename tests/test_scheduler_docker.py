@@ -22,15 +22,20 @@ from collections.abc import Iterator, Mapping
 import pytest
 from reactivex.abc import SchedulerBase
 
-from ctxrobot.actuator import Actuator
-from ctxrobot.bus import EventBus
-from ctxrobot.cgroups import CgroupV1Controller, CgroupV2Controller, CpuController, ParentCgroup
-from ctxrobot.containers import ContainerSpec, DockerBackend
-from ctxrobot.context import ContextTracker, voice_signals
-from ctxrobot.events import AllocationApplied, AudioLevel
-from ctxrobot.policy import CtxPolicy, TaskState
-from ctxrobot.rules import RuleSpec
-from ctxrobot.scheduler import ContextScheduler
+from ctxrobot.actuate.actuator import Actuator
+from ctxrobot.actuate.cgroups import (
+    CgroupV1Controller,
+    CgroupV2Controller,
+    CpuController,
+    ParentCgroup,
+)
+from ctxrobot.actuate.docker import ContainerSpec, DockerBackend
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import AllocationApplied, AudioLevel
+from ctxrobot.sched.context import ContextTracker, voice_signals
+from ctxrobot.sched.policy import CtxPolicy, TaskState
+from ctxrobot.sched.rules import RuleSpec
+from ctxrobot.sched.scheduler import ContextScheduler
 from tests.conftest import require_image
 
 pytestmark = pytest.mark.docker

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctxrobot.bus import EventBus
-from ctxrobot.events import AudioLevel, CameraFrame, LaserScan, Odometry
-from ctxrobot.sources import (
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import AudioLevel, CameraFrame, LaserScan, Odometry
+from ctxrobot.streams.replay import (
     AudioReplay,
     CameraReplay,
     LaserReplay,

@@ -13,10 +13,10 @@ import pytest
 from obsdata import MOVING, TASKS, record_run
 from rich.console import Console
 
-from ctxrobot.actuator import TaskAllocation
-from ctxrobot.bus import EventBus
-from ctxrobot.events import AllocationApplied, TaskResult
-from ctxrobot.store import (
+from ctxrobot.actuate.actuator import TaskAllocation
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import AllocationApplied, TaskResult
+from ctxrobot.observe.store import (
     RunStore,
     allocated_shares,
     print_summary,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ctxrobot.daemon import MAX_BACKOFF_S, backoff_s, should_restart
-from ctxrobot.manifest import RestartSpec
+from ctxrobot.manifest.schema import RestartSpec
+from ctxrobot.service.daemon import MAX_BACKOFF_S, backoff_s, should_restart
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,7 @@ def manifest(
 def ctxrobot_cli(
     *args: str, env: dict[str, str] | None = None, user: int | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "ctxrobot.cli", *args]
+    command = [sys.executable, "-m", "ctxrobot", *args]
     if user is not None:
         docker_gid = grp.getgrnam("docker").gr_gid
         command = [
@@ -209,7 +209,7 @@ def test_a_relative_out_folder_is_made_absolute(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "ctxrobot.cli",
+            "ctxrobot",
             "run",
             "--config",
             str(robot),

@@ -31,9 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ctxrobot.actuator import Actuator, TaskAllocation
-from ctxrobot.cgroups import CgroupV1Controller, CgroupV2Controller, ParentCgroup
-from ctxrobot.containers import (
+from ctxrobot.actuate.actuator import Actuator, TaskAllocation
+from ctxrobot.actuate.cgroups import CgroupV1Controller, CgroupV2Controller, ParentCgroup
+from ctxrobot.actuate.docker import (
     ContainerError,
     ContainerSpec,
     CpuController,

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ctxrobot.store import RunData, read_run
+from ctxrobot.observe.store import RunData, read_run
 
 PID = 1
 CONTEXT_TID = 1

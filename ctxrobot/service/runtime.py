@@ -2,7 +2,7 @@
 
 `Runtime.start()` brings everything up in dependency order, `wait()` lets the scenario
 play, and `stop()` takes everything down in reverse, whatever happened before: it is
-called from a `finally`, and a guard process (`ctxrobot.guard`) covers the cases where no
+called from a `finally`, and a guard process (`ctxrobot.service.guard`) covers the cases where no
 `finally` runs at all.
 """
 
@@ -20,17 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctxrobot import guard
-from ctxrobot.actuator import Actuator, TaskAllocation
-from ctxrobot.bus import EventBus
-from ctxrobot.cgroups import CgroupError, CpuController, ParentCgroup
-from ctxrobot.channel import TaskChannel
-from ctxrobot.containers import BindMount, ContainerSpec, DockerBackend
-from ctxrobot.errors import DataMissingError
-from ctxrobot.events import TaskStateChanged
-from ctxrobot.manifest import Manifest, TaskSpec
-from ctxrobot.sources import ScenarioPlayer, build_sources
-from ctxrobot.store import RunStore, allocated_shares, summarize
+from ctxrobot.actuate.actuator import Actuator, TaskAllocation
+from ctxrobot.actuate.cgroups import CgroupError, CpuController, ParentCgroup
+from ctxrobot.actuate.docker import BindMount, ContainerSpec, DockerBackend
+from ctxrobot.manifest.schema import Manifest, TaskSpec
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.errors import DataMissingError
+from ctxrobot.model.events import TaskStateChanged
+from ctxrobot.observe.store import RunStore, allocated_shares, summarize
+from ctxrobot.service import guard
+from ctxrobot.streams.channel import TaskChannel
+from ctxrobot.streams.replay import ScenarioPlayer, build_sources
 from ctxtask.protocol import Sample
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class Runtime:
         return f"last {lines} log lines of task {task!r}:\n{text}"
 
     def _start_scheduler(self, actuator: Actuator) -> None:
-        from ctxrobot.scheduler import build_scheduler
+        from ctxrobot.sched.scheduler import build_scheduler
 
         self.scheduler = build_scheduler(
             self.manifest,
@@ -327,7 +327,7 @@ class Runtime:
     def _start_metrics(self) -> None:
         if self.options.metrics_port is None:
             return
-        from ctxrobot.metrics import MetricsExporter
+        from ctxrobot.observe.metrics import MetricsExporter
 
         exporter = MetricsExporter(
             self.bus, deadlines_ms={t.name: t.deadline_ms for t in self.tasks}

@@ -22,9 +22,9 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from reactivex.abc import DisposableBase
 
-from ctxrobot.bus import EventBus
-from ctxrobot.errors import PortInUseError
-from ctxrobot.events import (
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.errors import PortInUseError
+from ctxrobot.model.events import (
     AllocationApplied,
     ContextChanged,
     RuleChanged,
@@ -32,7 +32,7 @@ from ctxrobot.events import (
     TaskResult,
     TaskStateChanged,
 )
-from ctxrobot.store import allocated_shares, allocation_field
+from ctxrobot.observe.store import allocated_shares, allocation_field
 
 LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 ACTUATION_BUCKETS_S = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1)

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from ctxrobot.bus import EventBus
-from ctxrobot.events import SampleDropped, TaskResult, TaskStateChanged
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import SampleDropped, TaskResult, TaskStateChanged
 from ctxtask import protocol
 from ctxtask.protocol import Sample
 

@@ -43,19 +43,19 @@ from reactivex.disposable import CompositeDisposable, SerialDisposable
 from reactivex.scheduler import EventLoopScheduler
 from reactivex.scheduler.periodicscheduler import PeriodicScheduler
 
-from ctxrobot.actuator import Allocation, TaskAllocation
-from ctxrobot.bus import EventBus
-from ctxrobot.context import ContextTracker, SerializedScheduler
-from ctxrobot.events import (
+from ctxrobot.actuate.actuator import Allocation, TaskAllocation
+from ctxrobot.manifest.schema import Manifest, TaskSpec
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import (
     AllocationApplied,
     ContextChanged,
     RuleChanged,
     TaskResult,
     TaskStateChanged,
 )
-from ctxrobot.manifest import Manifest, TaskSpec
-from ctxrobot.policy import Policy, TaskState, feedback_direction, make_policy
-from ctxrobot.rules import RuleBook, RuleOutcome, RuleSpec, TaskDirective
+from ctxrobot.sched.context import ContextTracker, SerializedScheduler
+from ctxrobot.sched.policy import Policy, TaskState, feedback_direction, make_policy
+from ctxrobot.sched.rules import RuleBook, RuleOutcome, RuleSpec, TaskDirective
 
 __all__ = ["ActuatorLike", "ContextScheduler", "SchedulerState", "build_scheduler", "task_state"]
 

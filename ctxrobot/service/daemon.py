@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctxrobot.control import ControlError, ControlServer
-from ctxrobot.events import TaskStateChanged
-from ctxrobot.manifest import ManifestError, RestartSpec, load_manifest
-from ctxrobot.rules import critical_rules
-from ctxrobot.runtime import RunFailed, RunOptions, Runtime
-from ctxrobot.status import StatusBoard
+from ctxrobot.manifest.schema import ManifestError, RestartSpec, load_manifest
+from ctxrobot.model.events import TaskStateChanged
+from ctxrobot.observe.status import StatusBoard
+from ctxrobot.sched.rules import critical_rules
+from ctxrobot.service.control import ControlError, ControlServer
+from ctxrobot.service.runtime import RunFailed, RunOptions, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Daemon:
 
     # -- control handlers -----------------------------------------------------------------
     def _ps(self, _request: dict[str, Any]) -> list[dict[str, Any]]:
-        from ctxrobot.inspect import container_rows
+        from ctxrobot.service.listing import container_rows
 
         return [r for r in container_rows() if r["run"] == self.runtime.run_id]
 

@@ -1,6 +1,6 @@
 """A watchdog process that cleans up a run's containers if the runtime dies.
 
-The runtime starts `python -m ctxrobot.guard RUN_ID` with a pipe on its stdin and never
+The runtime starts `python -m ctxrobot.service.guard RUN_ID` with a pipe on its stdin and never
 writes to it. When the runtime exits in any way — including `kill -9`, where no Python
 `finally` runs — the kernel closes the pipe, the guard reads EOF, and it thaws and removes
 every container labelled with that run. After a clean shutdown it finds nothing to do.
@@ -15,13 +15,13 @@ import signal
 import subprocess
 import sys
 
-log = logging.getLogger("ctxrobot.guard")
+log = logging.getLogger("ctxrobot.service.guard")
 
 
 def spawn(run_id: str) -> subprocess.Popen[bytes]:
     """Start the guard for `run_id`; keep the returned process until the run ends."""
     return subprocess.Popen(
-        [sys.executable, "-m", "ctxrobot.guard", run_id],
+        [sys.executable, "-m", "ctxrobot.service.guard", run_id],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         # A Ctrl-C on the terminal must reach the runtime, not kill the guard early.
@@ -40,9 +40,9 @@ def release(guard: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="ctxrobot.guard: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="ctxrobot.service.guard: %(message)s")
     if len(argv) != 1:
-        print("usage: python -m ctxrobot.guard RUN_ID", file=sys.stderr)
+        print("usage: python -m ctxrobot.service.guard RUN_ID", file=sys.stderr)
         return 2
     run_id = argv[0]
     # The runtime may run at real-time priority; a watchdog that only waits does not.
@@ -51,8 +51,8 @@ def main(argv: list[str]) -> int:
     # Block until the runtime's end of the pipe closes.
     while os.read(0, 4096):
         pass
-    from ctxrobot.cgroups import CgroupError, ParentCgroup
-    from ctxrobot.containers import DockerBackend
+    from ctxrobot.actuate.cgroups import CgroupError, ParentCgroup
+    from ctxrobot.actuate.docker import DockerBackend
 
     removed = DockerBackend().cleanup(run_id)
     if removed:

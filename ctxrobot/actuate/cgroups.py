@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ctxrobot.errors import CgroupPermissionError
+from ctxrobot.model.errors import CgroupPermissionError
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The YAML is checked in three layers, and problems from all of them are collected before
 anything is raised, so one `ctxrobot validate` run lists everything to fix:
 
-1. YAML itself (syntax, duplicate keys, ``${VAR}`` expansion): ``ctxrobot.yamlpos``;
+1. YAML itself (syntax, duplicate keys, ``${VAR}`` expansion): ``ctxrobot.manifest.yamlpos``;
 2. the pydantic models below (types, ranges, unknown keys, data files that must exist);
 3. cross references that no single model can see (task input → scenario source, rule and
    context task names, which context sections a rule's signals need), checked on the raw
@@ -39,7 +39,8 @@ from pydantic import (
     model_validator,
 )
 
-from ctxrobot.rules import (
+from ctxrobot.manifest.yamlpos import Pos, Problem, YamlDoc, load_yaml
+from ctxrobot.sched.rules import (
     NAME_PATTERN,
     SIGNAL_PROVIDERS,
     ExpressionError,
@@ -47,7 +48,6 @@ from ctxrobot.rules import (
     TaskSetting,
     compile_expression,
 )
-from ctxrobot.yamlpos import Pos, Problem, YamlDoc, load_yaml
 from ctxtask.datasets import data_dir as default_data_dir
 
 __all__ = [

@@ -38,8 +38,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ctxrobot.bus import EventBus
-from ctxrobot.events import (
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import (
     AllocationApplied,
     ContextChanged,
     RuleChanged,

@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from ctxrobot.cgroups import CgroupError, CpuController
+from ctxrobot.actuate.cgroups import CgroupError, CpuController
 
 __all__ = ["ActuationReport", "Actuator", "Allocation", "TaskAllocation"]
 

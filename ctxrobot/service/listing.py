@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ctxrobot.cgroups import CgroupError
-from ctxrobot.containers import LABEL_RUN, LABEL_TASK, ContainerError, DockerBackend
+from ctxrobot.actuate.cgroups import CgroupError
+from ctxrobot.actuate.docker import LABEL_RUN, LABEL_TASK, ContainerError, DockerBackend
 
 
 def container_rows() -> list[dict[str, Any]]:

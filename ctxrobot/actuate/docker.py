@@ -1,7 +1,7 @@
 """The lifecycle path: create, start, stop and remove task containers with the Docker SDK.
 
 Lifecycle changes are rare and may take Docker's tens of milliseconds; CPU re-allocation is
-frequent and goes through the cgroup fast path (:mod:`ctxrobot.cgroups`).
+frequent and goes through the cgroup fast path (:mod:`ctxrobot.actuate.cgroups`).
 :meth:`DockerBackend.controller_for` hands out that fast path when the container's cgroup
 files are writable, and otherwise a :class:`DockerApiController` that does the same through
 ``docker update`` / ``pause`` (correct, but ~20 ms per change).
@@ -25,7 +25,7 @@ import psutil
 from docker.models.containers import Container
 from docker.types import Mount
 
-from ctxrobot.cgroups import (
+from ctxrobot.actuate.cgroups import (
     DEFAULT_PERIOD_US,
     CgroupError,
     CgroupV1Controller,
@@ -36,7 +36,7 @@ from ctxrobot.cgroups import (
     quota_us,
     weight_to_shares,
 )
-from ctxrobot.errors import EngineUnavailableError, ImageMissingError, MountError
+from ctxrobot.model.errors import EngineUnavailableError, ImageMissingError, MountError
 
 log = logging.getLogger(__name__)
 

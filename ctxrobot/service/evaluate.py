@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ctxrobot.containers import BindMount, ContainerError, ContainerSpec, DockerBackend
+from ctxrobot.actuate.docker import BindMount, ContainerError, ContainerSpec, DockerBackend
 from ctxtask.datasets import data_dir
 
 IMAGES = {"slam": "ctxrobot/slam", "signs": "ctxrobot/signs", "speech": "ctxrobot/speech"}

@@ -23,7 +23,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ctxrobot.store import RunData, allocated_shares, read_run
+from ctxrobot.observe.store import RunData, allocated_shares, read_run
 
 # Signals worth a band: what the default rules react to. Matched as substrings.
 BAND_SIGNALS = ("voice", "motion", "sign")

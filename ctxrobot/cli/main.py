@@ -18,20 +18,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from ctxrobot.errors import UserError
+from ctxrobot.manifest.defaults import DEFAULT_MANIFEST, memory_arg
+from ctxrobot.model.errors import UserError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 log = logging.getLogger("ctxrobot")
 
 
-def _default_config() -> Path:
-    return Path(__file__).resolve().parents[1] / "config" / "robot.yaml"
-
-
 def _load_manifest_or_report(path: Path, scenario: str | None = None) -> Any:
     """The manifest (playing `scenario` if given), or None after printing every problem."""
-    from ctxrobot.manifest import ManifestError, load_manifest, with_scenario
+    from ctxrobot.manifest.schema import ManifestError, load_manifest, with_scenario
 
     try:
         manifest = load_manifest(path)
@@ -43,7 +40,7 @@ def _load_manifest_or_report(path: Path, scenario: str | None = None) -> Any:
 
 # -- validate -----------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ctxrobot.manifest import validate_file
+    from ctxrobot.manifest.schema import validate_file
 
     bad = 0
     for path in args.paths:
@@ -82,8 +79,8 @@ class _StopOnSignal:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ctxrobot.runtime import RunFailed, RunOptions, Runtime, run_folder
-    from ctxrobot.store import print_summary
+    from ctxrobot.observe.store import print_summary
+    from ctxrobot.service.runtime import RunFailed, RunOptions, Runtime, run_folder
 
     manifest = _load_manifest_or_report(Path(args.config), args.scenario)
     if manifest is None:
@@ -129,20 +126,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return status
 
 
-def _memory_arg(text: str) -> int:
-    """`--memory 1Gi` → bytes, with the manifest's size syntax."""
-    from ctxrobot.manifest import memory_bytes
-
-    try:
-        return int(memory_bytes(text))  # type: ignore[call-overload]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 # -- daemon, ctl, dash ---------------------------------------------------------------------
 def cmd_daemon(args: argparse.Namespace) -> int:
-    from ctxrobot.daemon import Daemon, DaemonOptions
-    from ctxrobot.runtime import RunFailed, run_folder
+    from ctxrobot.service.daemon import Daemon, DaemonOptions
+    from ctxrobot.service.runtime import RunFailed, run_folder
 
     config = Path(args.config)
     if _load_manifest_or_report(config) is None:
@@ -179,7 +166,7 @@ def _parse_value(text: str) -> object:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    from ctxrobot.control import ControlClient, ControlError
+    from ctxrobot.service.control import ControlClient, ControlError
 
     params: dict[str, Any] = {}
     cmd = args.action
@@ -205,8 +192,8 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 
 
 def cmd_dash(args: argparse.Namespace) -> int:
-    from ctxrobot.control import ControlClient, ControlError
-    from ctxrobot.dash import run_dash, snapshot_text
+    from ctxrobot.observe.dash import run_dash, snapshot_text
+    from ctxrobot.service.control import ControlClient, ControlError
 
     client = ControlClient(Path(args.socket))
     try:
@@ -227,8 +214,8 @@ def cmd_dash(args: argparse.Namespace) -> int:
 
 # -- ps -----------------------------------------------------------------------------------
 def cmd_ps(args: argparse.Namespace) -> int:
-    from ctxrobot.control import ControlClient, ControlError
-    from ctxrobot.inspect import container_rows
+    from ctxrobot.service.control import ControlClient, ControlError
+    from ctxrobot.service.listing import container_rows
 
     # The daemon's view when one runs (same rows, but only its own run); else Docker's.
     try:
@@ -263,7 +250,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 # -- eval ---------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ctxrobot.evaluate import EvalError, evaluate_in_container
+    from ctxrobot.service.evaluate import EvalError, evaluate_in_container
 
     try:
         return evaluate_in_container(
@@ -285,7 +272,7 @@ def _run_dir(path: str) -> Path | None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ctxrobot.report import write_report
+    from ctxrobot.observe.report import write_report
 
     run_dir = _run_dir(args.run_dir)
     if run_dir is None:
@@ -296,7 +283,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from ctxrobot.trace import write_trace
+    from ctxrobot.observe.trace import write_trace
 
     run_dir = _run_dir(args.run_dir)
     if run_dir is None:
@@ -311,7 +298,7 @@ def _add_robot_options(p: argparse.ArgumentParser) -> None:
     """The options `run` and `daemon` share: which robot, which policy, where to record."""
     p.add_argument(
         "--config",
-        default=str(_default_config()),
+        default=str(DEFAULT_MANIFEST),
         metavar="PATH",
         help="robot manifest (default: config/robot.yaml)",
     )
@@ -379,13 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--memory",
-        type=_memory_arg,
+        type=memory_arg,
         metavar="SIZE",
         help="confine all task containers to SIZE of memory, e.g. 1Gi",
     )
     p.set_defaults(func=cmd_run)
 
-    from ctxrobot.control import default_socket
+    from ctxrobot.service.control import default_socket
 
     socket_help = (
         f"daemon control socket (default: {default_socket()}; env CTXROBOT_CONTROL_SOCKET)"
@@ -510,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_parser(sub)
 
-    from ctxrobot.bench import add_bench_parser
+    from ctxrobot.bench.bench import add_bench_parser
 
     add_bench_parser(sub)
     return parser

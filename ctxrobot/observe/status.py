@@ -2,7 +2,7 @@
 
 A `StatusBoard` listens on the bus (queued: the hot path never waits for it) and keeps
 sliding windows per task; `snapshot()` renders the document described in
-`ctxrobot.dash`. Criticality is derived from the active rules and the manifest's rule
+`ctxrobot.observe.dash`. Criticality is derived from the active rules and the manifest's rule
 definitions, so the board does not reach into the scheduler.
 """
 
@@ -15,8 +15,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ctxrobot.bus import EventBus
-from ctxrobot.events import (
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import (
     AllocationApplied,
     ContextChanged,
     RuleChanged,
@@ -24,7 +24,7 @@ from ctxrobot.events import (
     TaskResult,
     TaskStateChanged,
 )
-from ctxrobot.store import allocated_shares, percentiles, to_jsonable
+from ctxrobot.observe.store import allocated_shares, percentiles, to_jsonable
 
 WINDOW = 256  # results per task kept for percentiles and the sparkline
 RECENT = 8  # results per task shown in full when a task is selected

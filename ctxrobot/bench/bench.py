@@ -34,10 +34,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ctxrobot.errors import UserError
+from ctxrobot.manifest.defaults import CONFIG_DIR, DEFAULT_MANIFEST, REPO, memory_arg
+from ctxrobot.model.errors import UserError
 
 BENCH_POLICIES = ("isolated", "cfs", "weights", "ctx")
-QUICK_SCENARIO = Path(__file__).resolve().parents[1] / "config" / "scenarios" / "bench-quick.yaml"
+QUICK_SCENARIO = CONFIG_DIR / "scenarios" / "bench-quick.yaml"
 
 #: A run gets this many times its scenario length (and at least RUN_TIMEOUT_MIN_S) to finish;
 #: without dropping, a starved envelope legitimately runs long, a hung one must not hang the
@@ -106,7 +107,7 @@ def run_command(
     cpus: float | None,
     memory: str | None,
 ) -> list[str]:
-    cmd = [sys.executable, "-m", "ctxrobot.cli", "run", "--config", str(config)]
+    cmd = [sys.executable, "-m", "ctxrobot", "run", "--config", str(config)]
     cmd += ["--scenario", str(scenario), "--policy", spec.runtime_policy]
     cmd += ["--json", "--no-drop", "--out", str(spec.out_dir)]
     if spec.task is not None:
@@ -162,8 +163,8 @@ def wait_for_teardown(run_dir: Path, timeout_s: float = SETTLE_TIMEOUT_S) -> Non
     """Until no container of the run in ``run_dir`` is left (its guard may still be removing
     them): the next run must not start beside a container that is still going down, which
     would both load the machine and race the next run's own stale-container cleanup."""
-    from ctxrobot.containers import DockerBackend
-    from ctxrobot.store import reading
+    from ctxrobot.actuate.docker import DockerBackend
+    from ctxrobot.observe.store import reading
 
     with reading(run_dir) as conn:
         run_id = conn.execute("SELECT id FROM run").fetchone()[0]
@@ -183,7 +184,7 @@ def critical_latencies(db: Path, crit_rules: Mapping[str, set[str]]) -> dict[str
     sensors in every run, so the windows agree across policies up to event timing, and a
     solo run's windows are "the same windows" for the task alone.
     """
-    from ctxrobot.store import reading, rule_intervals
+    from ctxrobot.observe.store import reading, rule_intervals
 
     intervals = rule_intervals(db)
     out: dict[str, list[float]] = {}
@@ -208,8 +209,8 @@ def task_cpu_seconds(db: Path) -> dict[str, float]:
     since the previous sample; the first row's interval is one period. What a task used
     after the sampler's last tick (under one period) is not counted.
     """
-    from ctxrobot.runtime import USAGE_PERIOD_S
-    from ctxrobot.store import reading
+    from ctxrobot.observe.store import reading
+    from ctxrobot.service.runtime import USAGE_PERIOD_S
 
     with reading(db) as conn:
         ncpus = conn.execute("SELECT ncpus FROM run").fetchone()[0]
@@ -226,7 +227,7 @@ def task_cpu_seconds(db: Path) -> dict[str, float]:
 def queue_service_ms(db: Path) -> dict[str, dict[str, float | None]]:
     """Per task, p99 of time queued (t_start − t_sensor) and of processing (t_end − t_start):
     where the latency goes, contention or work."""
-    from ctxrobot.store import percentiles, reading
+    from ctxrobot.observe.store import percentiles, reading
 
     out: dict[str, dict[str, float | None]] = {}
     with reading(db) as conn:
@@ -284,7 +285,7 @@ def _range(values: Iterable[float | None]) -> list[float] | None:
 
 
 def _p99(values: Sequence[float]) -> float | None:
-    from ctxrobot.store import percentiles
+    from ctxrobot.observe.store import percentiles
 
     return percentiles(values, (99,))["p99"]
 
@@ -427,7 +428,7 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     try:
-        from ctxrobot.cgroups import ParentCgroup
+        from ctxrobot.actuate.cgroups import ParentCgroup
 
         cgroup: int | None = ParentCgroup().version
     except OSError:
@@ -452,7 +453,7 @@ def machine_info() -> dict[str, Any]:
 
 def source_revision() -> str | None:
     """The checked-out commit, with "+dirty" when the tree has changes: which code ran."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     try:
         head = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
@@ -635,7 +636,6 @@ def _positive(text: str) -> int:
 
 def add_bench_parser(subparsers: Any) -> None:
     """Register `ctxrobot bench` on the CLI's subparsers."""
-    from ctxrobot.cli import _default_config, _memory_arg
 
     p = subparsers.add_parser(
         "bench",
@@ -647,7 +647,7 @@ def add_bench_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--config",
-        default=str(_default_config()),
+        default=str(DEFAULT_MANIFEST),
         metavar="PATH",
         help="robot manifest (default: config/robot.yaml)",
     )
@@ -668,7 +668,7 @@ def add_bench_parser(subparsers: Any) -> None:
     p.add_argument("--repeat", type=_positive, default=1, metavar="N", help="repeats (default 1)")
     p.add_argument("--cpus", type=float, metavar="X", help="confine all tasks to X CPUs")
     p.add_argument(
-        "--memory", type=_memory_arg, metavar="SIZE", help="confine all tasks to SIZE, e.g. 1Gi"
+        "--memory", type=memory_arg, metavar="SIZE", help="confine all tasks to SIZE, e.g. 1Gi"
     )
     p.add_argument("--out", metavar="DIR", help="bench folder (default: runs/bench-<time>)")
     p.add_argument("--json", action="store_true", help="last line: the results as one JSON object")
@@ -676,9 +676,9 @@ def add_bench_parser(subparsers: Any) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ctxrobot.manifest import ManifestError, load_manifest, with_scenario
-    from ctxrobot.rules import critical_rules
-    from ctxrobot.runtime import run_folder
+    from ctxrobot.manifest.schema import ManifestError, load_manifest, with_scenario
+    from ctxrobot.sched.rules import critical_rules
+    from ctxrobot.service.runtime import run_folder
 
     config = Path(args.config).resolve()
     scenario_path = QUICK_SCENARIO if args.quick else args.scenario

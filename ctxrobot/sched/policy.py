@@ -3,8 +3,8 @@
 A policy is a small object with one job: given the current context, each task's state and
 the time, say what every task's CPU allocation should be. Policies do no I/O and never
 read a clock (``now`` is passed in), so each one is unit-tested as a pure function and runs
-the same under a virtual-time scheduler; the :mod:`ctxrobot.scheduler` decides *when* to
-ask, the :mod:`ctxrobot.actuator` does the writing.
+the same under a virtual-time scheduler; the :mod:`ctxrobot.sched.scheduler` decides *when* to
+ask, the :mod:`ctxrobot.actuate.actuator` does the writing.
 
 Four policies, all on the vocabulary of ARCHITECTURE.md ("share" is a fraction of the
 whole machine):
@@ -23,8 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ctxrobot.actuator import TaskAllocation
-from ctxrobot.rules import TaskDirective
+from ctxrobot.actuate.actuator import TaskAllocation
+from ctxrobot.sched.rules import TaskDirective
 
 __all__ = [
     "POLICIES",

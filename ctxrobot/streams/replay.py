@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ctxrobot.bus import EventBus
-from ctxrobot.events import AudioLevel, CameraFrame, LaserScan, Odometry
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import AudioLevel, CameraFrame, LaserScan, Odometry
 from ctxtask.datasets.laser import LaserDataset, load_laser_dataset, scan_sample
 from ctxtask.datasets.signs import camera_frame
 from ctxtask.datasets.speech import read_wav

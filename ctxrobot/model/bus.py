@@ -30,7 +30,7 @@ from reactivex.abc import DisposableBase, ObserverBase, SchedulerBase
 from reactivex.disposable import Disposable
 from reactivex.subject import Subject
 
-from ctxrobot.events import TOPICS
+from ctxrobot.model.events import TOPICS
 
 log = logging.getLogger(__name__)
 

@@ -46,8 +46,9 @@ from reactivex.abc import DisposableBase, ObserverBase, SchedulerBase
 from reactivex.disposable import CompositeDisposable, SerialDisposable
 from reactivex.scheduler.periodicscheduler import PeriodicScheduler
 
-from ctxrobot.bus import EventBus
-from ctxrobot.events import (
+from ctxrobot.manifest.schema import ContextSpec
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import (
     AudioLevel,
     ContextChanged,
     HostReading,
@@ -55,8 +56,7 @@ from ctxrobot.events import (
     Odometry,
     TaskResult,
 )
-from ctxrobot.manifest import ContextSpec
-from ctxrobot.rules import CONTEXT_SIGNALS, MOTION_STATES
+from ctxrobot.sched.rules import CONTEXT_SIGNALS, MOTION_STATES
 
 __all__ = [
     "QUANTA",
