@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctxrobot.model.bus import EventBus
 from ctxrobot.model.events import AudioLevel, CameraFrame, LaserScan, Odometry
 from ctxrobot.streams.replay import (
     AudioReplay,
@@ -17,6 +16,7 @@ from ctxrobot.streams.replay import (
     ScenarioPlayer,
     pose_velocities,
 )
+from ctxrobot.streams.source import Fired
 from ctxtask.protocol import Sample
 from tests.conftest import require_data
 
@@ -91,16 +91,14 @@ def test_audio_replay_places_utterances_in_silence() -> None:
 
 def test_player_fires_on_time_and_in_order(tmp_path: Path) -> None:
     wav = require_data("speech/audio/ps_cards_001.wav")
-    bus = EventBus()
     levels: list[AudioLevel] = []
-    bus.subscribe("sensor.audio", levels.append, name="t", inline=True)
     delivered: list[tuple[str, Sample]] = []
-    player = ScenarioPlayer(
-        [AudioReplay("mic", 100, [(0.2, wav)])],
-        1.5,
-        bus,
-        lambda src, s: delivered.append((src, s)),
-    )
+
+    def emit(source: str, fired: Fired) -> None:
+        levels.extend(event for _, event in fired.events if isinstance(event, AudioLevel))
+        delivered.append((source, fired.sample))
+
+    player = ScenarioPlayer([AudioReplay("mic", 100, [(0.2, wav)])], 1.5, emit)
     t0 = time.monotonic()
     player.start(t0)
     assert player.join(10)
@@ -115,13 +113,11 @@ def test_player_fires_on_time_and_in_order(tmp_path: Path) -> None:
 
 def test_player_loops_for_the_daemon() -> None:
     wav = require_data("speech/audio/ps_cards_001.wav")
-    bus = EventBus()
     delivered: list[Sample] = []
     player = ScenarioPlayer(
         [AudioReplay("mic", 100, [(0.0, wav)])],
         0.3,
-        bus,
-        lambda _src, s: delivered.append(s),
+        lambda _src, fired: delivered.append(fired.sample),
         loop=True,
     )
     player.start(time.monotonic())

@@ -133,6 +133,16 @@ class TaskStateChanged:
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class SourceStateChanged:
+    """A sensor source opened, failed, is reopening or closed (live devices come and go)."""
+
+    t: float
+    source: str
+    state: str  # "open", "failed", "reopening", "closed"
+    detail: str = ""
+
+
 # topic name → event type published on it
 TOPICS: dict[str, type] = {
     "sensor.odometry": Odometry,
@@ -143,6 +153,7 @@ TOPICS: dict[str, type] = {
     "task.result": TaskResult,
     "task.dropped": SampleDropped,
     "task.state": TaskStateChanged,
+    "source.state": SourceStateChanged,
     "context": ContextChanged,
     "rule": RuleChanged,
     "allocation": AllocationApplied,

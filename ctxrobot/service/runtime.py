@@ -31,7 +31,7 @@ from ctxrobot.observe.store import RunStore, allocated_shares, summarize
 from ctxrobot.service import guard
 from ctxrobot.streams.channel import TaskChannel
 from ctxrobot.streams.replay import ScenarioPlayer, build_sources
-from ctxtask.protocol import Sample
+from ctxrobot.streams.source import Fired, LiveSource
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class Runtime:
         self._cgroup_parent: str | None = None
         self.store: RunStore | None = None
         self.player: ScenarioPlayer | None = None
+        self.live_sources: list[LiveSource] = []
         self.scheduler: Any = None
         self.parent: ParentCgroup | None = None
         self._guard: Any = None
@@ -134,9 +135,8 @@ class Runtime:
         duration = self.options.duration_s or scenario.duration_s
         # Replay data are read and decoded before anything starts: no disk I/O while playing.
         sources = build_sources(scenario, self.manifest.data_dir)
-        self.player = ScenarioPlayer(
-            sources, duration, self.bus, self._deliver, loop=self.options.loop
-        )
+        self.player = ScenarioPlayer(sources.replay, duration, self._emit, loop=self.options.loop)
+        self.live_sources = sources.live
         # The run's clock origin: everything in run.db is relative to it. Playback starts
         # later, once every task has connected (`t_play`).
         self.t0 = time.monotonic()
@@ -175,6 +175,8 @@ class Runtime:
         self.t_play = time.monotonic()
         self._cpu_play = _own_cpu_s()
         self.player.start(self.t_play)
+        for source in self.live_sources:
+            source.start(self._emit)
         log.info(
             "run %s started: %d task(s), policy %s", self.run_id, len(self.tasks), self.policy_name
         )
@@ -343,10 +345,13 @@ class Runtime:
         self._extra_stops.insert(0, sampler.stop)
 
     # -- running ----------------------------------------------------------------------------
-    def _deliver(self, source: str, sample: Sample) -> None:
+    def _emit(self, source: str, fired: Fired) -> None:
+        """A reading of ``source``: its summaries on the bus, its sample to its readers."""
+        for topic, event in fired.events:
+            self.bus.publish(topic, event)
         for spec in self.tasks:
             if spec.input == source and (channel := self.channels.get(spec.name)) is not None:
-                channel.offer(sample)
+                channel.offer(fired.sample)
 
     def _publish_state(self, task: str, state: str, detail: str = "") -> None:
         self.bus.publish("task.state", TaskStateChanged(time.monotonic(), task, state, detail))
@@ -406,6 +411,8 @@ class Runtime:
             self._cpu_end = _own_cpu_s()
         if self.player is not None:
             self.player.stop()
+        for source in self.live_sources:
+            source.stop()
         # Thaw first: a frozen task cannot even answer the end of its stream.
         if self.scheduler is not None:
             self.scheduler.stop()

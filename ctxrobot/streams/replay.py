@@ -23,16 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from ctxrobot.model.bus import EventBus
 from ctxrobot.model.events import AudioLevel, CameraFrame, LaserScan, Odometry
+from ctxrobot.streams.live import build_live_source
+from ctxrobot.streams.source import Emit, Fired, LiveSource
 from ctxtask.datasets.laser import LaserDataset, load_laser_dataset, scan_sample
 from ctxtask.datasets.signs import camera_frame
 from ctxtask.datasets.speech import read_wav
 from ctxtask.protocol import Sample
 
 log = logging.getLogger(__name__)
-
-Deliver = Callable[[str, Sample], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +42,6 @@ class Tick:
     source: str
     fire: Callable[[float, int], Fired]
     # fire(t_now, sample_id) -> what to publish on the bus and the sample for the tasks
-
-
-@dataclass(frozen=True, slots=True)
-class Fired:
-    events: tuple[tuple[str, object], ...]  # (topic, event) pairs, published in order
-    sample: Sample
 
 
 VELOCITY_WINDOW_S = 0.5
@@ -236,16 +229,25 @@ class AudioReplay:
             yield Tick((begin + chunk) / self.rate, self.name, fire)
 
 
-Source = LaserReplay | CameraReplay | AudioReplay
+ReplaySource = LaserReplay | CameraReplay | AudioReplay
 
 
-def build_sources(scenario: Any, data_dir: Path) -> list[Source]:
-    """Replay sources for a validated scenario (see `ctxrobot.manifest.Scenario`)."""
+@dataclass(frozen=True)
+class Sources:
+    """A scenario's sources: replays the player fires, live devices that run themselves."""
+
+    replay: list[ReplaySource]
+    live: list[LiveSource]
+
+
+def build_sources(scenario: Any, data_dir: Path) -> Sources:
+    """The sources of a validated scenario (see `ctxrobot.manifest.Scenario`)."""
 
     def resolve(path: str | Path) -> Path:
         return Path(data_dir, path)
 
-    sources: list[Source] = []
+    sources: list[ReplaySource] = []
+    live: list[LiveSource] = []
     for name, spec in scenario.sources.items():
         if spec.kind == "laser_replay":
             sources.append(LaserReplay(name, resolve(spec.log), spec.start_s, spec.speed))
@@ -259,8 +261,8 @@ def build_sources(scenario: Any, data_dir: Path) -> list[Source]:
             plays = [(p.at_s, resolve(p.file)) for p in spec.play]
             sources.append(AudioReplay(name, spec.chunk_ms, plays))
         else:
-            raise ValueError(f"source {name!r}: unknown kind {spec.kind!r}")
-    return sources
+            live.append(build_live_source(name, spec))
+    return Sources(sources, live)
 
 
 class ScenarioPlayer:
@@ -268,10 +270,9 @@ class ScenarioPlayer:
 
     def __init__(
         self,
-        sources: Sequence[Source],
+        sources: Sequence[ReplaySource],
         duration_s: float,
-        bus: EventBus,
-        deliver: Deliver,
+        emit: Emit,
         *,
         loop: bool = False,
         clock: Callable[[], float] = time.monotonic,
@@ -279,8 +280,7 @@ class ScenarioPlayer:
         """`loop`: play the scenario again and again (the daemon replays until stopped)."""
         self.duration_s = duration_s
         self.loop = loop
-        self._bus = bus
-        self._deliver = deliver
+        self._emit = emit
         self._clock = clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -299,6 +299,10 @@ class ScenarioPlayer:
         self._thread.start()
 
     def _run(self, t0: float) -> None:
+        if not self._ticks:
+            # Live sources only: the scenario is a duration to run for (forever in a loop).
+            self._stop.wait(None if self.loop else self.duration_s)
+            return
         # Sample ids keep counting across loops: every sample of a run has its own id.
         next_id: dict[str, int] = {}
         while True:
@@ -313,10 +317,7 @@ class ScenarioPlayer:
                 self.late_ms_max = max(self.late_ms_max, (now - due) * 1000.0)
                 sid = next_id.get(tick.source, 0)
                 next_id[tick.source] = sid + 1
-                fired = tick.fire(now, sid)
-                for topic, event in fired.events:
-                    self._bus.publish(topic, event)
-                self._deliver(tick.source, fired.sample)
+                self._emit(tick.source, tick.fire(now, sid))
                 self.fired += 1
             if not self.loop:
                 return
