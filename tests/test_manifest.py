@@ -241,7 +241,7 @@ def test_unknown_references(fake_data: Path) -> None:
             13,
             19,
             "context.voice.source 'camera' is of kind camera_replay, but voice needs a source "
-            "of kind audio_replay such as 'mic'",
+            "of kind audio_replay or microphone such as 'mic'",
         ),
         (14, 32, "context.sign.task 'signs' is not a task; tasks: slam, speech"),
         (
@@ -388,7 +388,8 @@ def test_scenario_problems(fake_data: Path) -> None:
             14,
             17,
             "sources.radar: unknown kind 'radar_replay'; did you mean 'laser_replay'? use one "
-            "of laser_replay, camera_replay, audio_replay",
+            "of laser_replay, camera_replay, audio_replay, camera, microphone, rplidar, "
+            "pose_odometry",
         ),
         (
             15,

@@ -39,6 +39,7 @@ from pydantic import (
     model_validator,
 )
 
+from ctxrobot.manifest.live import LIVE_KINDS, Camera, Microphone, PoseOdometry, Rplidar
 from ctxrobot.manifest.yamlpos import Pos, Problem, YamlDoc, load_yaml
 from ctxrobot.sched.rules import (
     NAME_PATTERN,
@@ -219,8 +220,11 @@ class AudioReplay(BaseModel):
     play: list[PlayAudio] = []
 
 
-Source = Annotated[LaserReplay | CameraReplay | AudioReplay, Field(discriminator="kind")]
-SOURCE_KINDS = ("laser_replay", "camera_replay", "audio_replay")
+Source = Annotated[
+    LaserReplay | CameraReplay | AudioReplay | Camera | Microphone | Rplidar | PoseOdometry,
+    Field(discriminator="kind"),
+]
+SOURCE_KINDS = ("laser_replay", "camera_replay", "audio_replay", *LIVE_KINDS)
 
 
 class Scenario(BaseModel):
@@ -432,11 +436,11 @@ class ContextSpec(BaseModel):
 
 
 # The source kind each sensor-driven context section reads.
-_CONTEXT_SOURCE_KIND = {
-    "motion": "laser_replay",
-    "voice": "audio_replay",
-    "sign": "camera_replay",
-    "obstacle": "laser_replay",
+_CONTEXT_SOURCE_KINDS: Mapping[str, tuple[str, ...]] = {
+    "motion": ("laser_replay", "rplidar", "pose_odometry"),
+    "voice": ("audio_replay", "microphone"),
+    "sign": ("camera_replay", "camera"),
+    "obstacle": ("laser_replay", "rplidar"),
 }
 
 
@@ -856,7 +860,7 @@ class _Checker:
     ) -> None:
         if not isinstance(context, dict):
             return
-        for section, wanted in _CONTEXT_SOURCE_KIND.items():
+        for section, wanted in _CONTEXT_SOURCE_KINDS.items():
             spec = context.get(section)
             source = spec.get("source") if isinstance(spec, dict) else None
             if sources is None or not isinstance(source, str):
@@ -868,13 +872,13 @@ class _Checker:
                     f"context.{section}.source '{source}' is not a source of {scenario_file}; "
                     f"{_did_you_mean(source, list(sources))}sources: {', '.join(sources)}",
                 )
-            elif sources[source] != wanted:
-                fitting = [n for n, k in sources.items() if k == wanted]
+            elif sources[source] not in wanted:
+                fitting = [n for n, k in sources.items() if k in wanted]
                 hint = f" such as '{fitting[0]}'" if fitting else ""
                 self.add(
                     path,
                     f"context.{section}.source '{source}' is of kind {sources[source]}, but "
-                    f"{section} needs a source of kind {wanted}{hint}",
+                    f"{section} needs a source of kind {' or '.join(wanted)}{hint}",
                 )
         sign = context.get("sign")
         task = sign.get("task") if isinstance(sign, dict) else None
