@@ -395,7 +395,7 @@ def test_scenario_problems(fake_data: Path) -> None:
             15,
             3,
             "sources.other has no 'kind'; add `kind:` with one of laser_replay, camera_replay, "
-            "audio_replay",
+            "audio_replay, camera, microphone, rplidar, pose_odometry",
         ),
     ]
 
