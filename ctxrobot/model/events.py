@@ -134,6 +134,15 @@ class TaskStateChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageSampled:
+    """CPU each task used since the previous reading, as a fraction of the machine the
+    policy shares out (cgroup accounting; the one reading every consumer shares)."""
+
+    t: float
+    used: Mapping[str, float]
+
+
+@dataclass(frozen=True, slots=True)
 class SourceStateChanged:
     """A sensor source opened, failed, is reopening or closed (live devices come and go)."""
 
@@ -154,6 +163,7 @@ TOPICS: dict[str, type] = {
     "task.dropped": SampleDropped,
     "task.state": TaskStateChanged,
     "source.state": SourceStateChanged,
+    "usage": UsageSampled,
     "context": ContextChanged,
     "rule": RuleChanged,
     "allocation": AllocationApplied,
