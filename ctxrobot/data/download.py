@@ -15,17 +15,21 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
-
-import pooch
-import requests
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from ctxrobot.data.spec import Download
+
+# pooch (and requests under it) are the `data` extra: imported when a fetch starts, so that
+# the rest of the `ctxrobot` command line works without them.
+if TYPE_CHECKING:
+    import pooch
+    import requests
 
 # One retry covers a dropped connection or a transfer corrupted on the way; a second copy
 # that is still wrong is a wrong mirror.
 RETRIES = 1
 CHUNK_BYTES = 1 << 16
+BAR_MIN_BYTES = 1 << 20  # the ROS bags and BreezySLAM logs; seconds each on a slow link
 USER_AGENT = "ctxrobot-data-fetch"
 
 
@@ -66,24 +70,60 @@ class _CappedSink:
         self.out.flush()
 
 
+class _LargeFileBar:
+    """pooch's progress-bar hook: a tqdm bar on stderr for files of `BAR_MIN_BYTES` or more.
+    The small files, most of them and fetched several at a time, would only flicker."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+
+    @property
+    def total(self) -> int:
+        return 0 if self.bar is None else int(self.bar.total)
+
+    @total.setter
+    def total(self, size: int) -> None:  # pooch sets it once it knows the Content-Length
+        if size >= BAR_MIN_BYTES:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=size, desc=self.label, unit="B", unit_scale=True, leave=False)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def reset(self) -> None:
+        if self.bar is not None:
+            self.bar.reset(total=self.bar.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class _Downloader:
     """A pooch downloader: pooch's HTTPDownloader writing through a `_CappedSink`."""
 
     def __init__(self, *, timeout: float, max_bytes: int, progressbar: bool) -> None:
-        self.http = pooch.HTTPDownloader(
-            progressbar=progressbar,
-            chunk_size=CHUNK_BYTES,
-            timeout=timeout,
-            headers={"User-Agent": USER_AGENT},
-        )
-        self.max_bytes = max_bytes
+        self.timeout, self.max_bytes, self.progressbar = timeout, max_bytes, progressbar
         self.received_sha256 = ""
 
     def __call__(self, url: str, output_file: str, pup: pooch.Pooch | None) -> None:
+        import pooch
+        import requests
+
+        bar = _LargeFileBar(url.rsplit("/", 1)[-1]) if self.progressbar else False
+        http = pooch.HTTPDownloader(
+            progressbar=bar,
+            chunk_size=CHUNK_BYTES,
+            timeout=self.timeout,
+            headers={"User-Agent": USER_AGENT},
+        )
         with open(output_file, "wb") as out:
             sink = _CappedSink(out, url, self.max_bytes)
             try:
-                self.http(url, sink, pup)
+                http(url, sink, pup)
             except requests.HTTPError as exc:
                 response = exc.response
                 if response is not None and response.status_code < 500:
@@ -94,11 +134,18 @@ class _Downloader:
                 raise
             finally:
                 self.received_sha256 = sink.digest.hexdigest()
+                if bar:
+                    bar.close()
 
 
 @contextlib.contextmanager
-def quiet_pooch() -> Iterator[None]:
-    """pooch logs every download at INFO on stderr; we print our own one line per file."""
+def pooch_session() -> Iterator[None]:
+    """Load pooch, and keep it quiet: it logs every download at INFO on stderr, where we print
+    our own one line per file."""
+    try:
+        import pooch
+    except ImportError as exc:
+        raise FetchError(f"downloading needs pooch ({exc}): pip install 'ctxrobot[data]'") from exc
     logger = pooch.get_logger()
     level = logger.level
     logger.setLevel(logging.WARNING)
@@ -128,6 +175,8 @@ def _record_action(actions: list[str]) -> Callable[[str, str, pooch.Pooch | None
 
 def _why_unreachable(exc: requests.RequestException) -> str:
     """The socket- or protocol-level reason under requests' and urllib3's wrappers."""
+    import requests
+
     if isinstance(exc, requests.Timeout):
         return "no answer within the timeout"
     todo: list[BaseException] = [exc]
@@ -167,12 +216,13 @@ def download(
     """Make `folder/d.name` the original `d`; per-file problems become a failed result.
 
     A file already there with the `expected` sha256 is kept. Without an expected hash the
-    file cannot be vouched for, so it is downloaded again.
+    file cannot be vouched for, so it is downloaded again. Call within `pooch_session()`.
     """
+    import pooch
+    import requests
+
     url = d.source.url(base)
     target = folder / d.name
-    if expected is None:
-        target.unlink(missing_ok=True)
     # The registry is this one file: pooch then keeps, fetches or replaces it by its hash.
     pup = pooch.create(
         path=folder,
@@ -184,6 +234,8 @@ def download(
     downloader = _Downloader(timeout=timeout, max_bytes=max_bytes, progressbar=progressbar)
     actions: list[str] = []
     try:
+        if expected is None:
+            target.unlink(missing_ok=True)
         target.parent.mkdir(parents=True, exist_ok=True)  # pooch's own makedirs races
         pup.fetch(d.name, downloader=downloader, processor=_record_action(actions))
     except _Refused as exc:
@@ -196,7 +248,8 @@ def download(
         return Downloaded(
             "failed",
             f"sha256 mismatch for {url}: expected {expected}, got "
-            f"{downloader.received_sha256}; not written (is --mirror a copy of "
+            f"{downloader.received_sha256}; not written. Run again; if it recurs, the server "
+            "does not serve the pinned originals (is --mirror a copy of "
             "raw.githubusercontent.com?)",
         )
     except OSError as exc:

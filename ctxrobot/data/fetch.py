@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 from ctxrobot.data.catalogue import CATALOGUE, UnknownDataset, select
-from ctxrobot.data.download import FetchError, disk_error, download, quiet_pooch
+from ctxrobot.data.download import FetchError, disk_error, download, pooch_session
 from ctxrobot.data.spec import RAW_GITHUB, Dataset, Derivation, Download, Output
 from ctxtask.datasets import data_dir
 
@@ -204,8 +204,7 @@ class _DatasetRun:
                 base=s.base,
                 timeout=s.timeout,
                 max_bytes=s.max_bytes,
-                # A bar for each named original; the bulk image sets would print hundreds.
-                progressbar=s.progressbar and d.sha256 is not None,
+                progressbar=s.progressbar,
             ): d
             for d in downloads
         }
@@ -300,7 +299,11 @@ class _DatasetRun:
         self.listed = [d.name for d in kept]
         # The expansion reads the folder's downloads (GTSRB: GT-final_test.csv).
         if self.ds.expand is not None and not self._block(["*"], [d.name for d in kept]):
-            more = self.ds.expand(self.folder)
+            try:
+                more = self.ds.expand(self.folder)
+            except ValueError as exc:  # a list that downloaded fine but makes no sense
+                self.record("*", "failed", str(exc))
+                more = ()
             self.download_all(more, self.folder)
             self.listed += [d.name for d in more]
         with tempfile.TemporaryDirectory(prefix=".fetch-", dir=self.folder) as work:
@@ -326,7 +329,7 @@ def fetch(
     Per-file problems (HTTP errors, hash mismatches) are collected in the report and the
     other files still proceed; a missing network or a disk error raises `FetchError`.
     `mirror` replaces the https://raw.githubusercontent.com prefix of every URL;
-    `progressbar` shows pooch's download bars on stderr.
+    `progressbar` shows a download bar on stderr for each large file.
     """
     settings = _Settings(base_url(mirror), timeout, max_bytes, progressbar)
     try:
@@ -340,7 +343,7 @@ def fetch(
         if progress is not None:
             progress(result)
 
-    with quiet_pooch(), concurrent.futures.ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+    with pooch_session(), concurrent.futures.ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         for ds in chosen:
             _DatasetRun(ds, Path(dest), settings, pool, record).run()
     return report
@@ -364,14 +367,20 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     dest = Path(args.dest) if args.dest else data_dir()
     only = [s for s in args.only.split(",") if s.strip()] if args.only else None
 
+    bars = _bars_wanted()
+
     def show(result: FileResult) -> None:
         if result.action in ("downloaded", "derived"):
-            print(f"{result.action:>10}  {result.path}", flush=True)
+            line = f"{result.action:>10}  {result.path}"
+            if bars:  # above the bars, not through them
+                from tqdm import tqdm
+
+                tqdm.write(line, file=sys.stdout)
+            else:
+                print(line, flush=True)
 
     try:
-        report = fetch(
-            dest, datasets=only, mirror=args.mirror, progress=show, progressbar=_bars_wanted()
-        )
+        report = fetch(dest, datasets=only, mirror=args.mirror, progress=show, progressbar=bars)
     except FetchError as exc:
         print(f"ctxrobot data fetch: {exc}", file=sys.stderr)
         return 2
@@ -385,7 +394,7 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def _bars_wanted() -> bool:
-    """pooch's progress bars need tqdm and a terminal to draw on."""
+    """Download bars need tqdm (pooch's choice) and a terminal to draw on."""
     try:
         import tqdm  # noqa: F401
     except ImportError:
