@@ -128,7 +128,8 @@ def serve() -> Iterator[Callable[[Mirror], Mirror]]:
                 pass
 
         server = _QuietServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        # A short poll keeps the shutdown of each server at the end quick.
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         servers.append(server)
         mirror.url = f"http://127.0.0.1:{server.server_address[1]}"
         return mirror
@@ -258,6 +259,9 @@ def test_full_fetch_reproduces_shared_folder(
 ) -> None:
     dest, report = fetched
     _, kept_back = full_mirror
+    # Every folder of the shared data has a catalogue entry.
+    described = {p.parent.relative_to(shared).as_posix() for p in shared.rglob("MANIFEST.md")}
+    assert described - {d.folder for d in catalogue.CATALOGUE} == set()
     partial = {p.split("/")[0] + "/" + p.split("/")[1] for p in kept_back}
     assert partial <= {GTSRB, ROAD}
 
@@ -563,7 +567,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(
         assert line.startswith(f"ctxrobot data fetch: signs/cascades/{xml.name}: ")
     elif case == "garbage":
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GarbageHandler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         try:
             url = f"http://127.0.0.1:{server.server_address[1]}"
             _one_line(_fetch_cli(dest, only, url), xml.name, "sha256 mismatch", "--mirror")
