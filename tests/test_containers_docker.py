@@ -22,7 +22,7 @@ import psutil
 import pytest
 from docker.models.containers import Container
 
-from ctxrobot.actuate.actuator import Actuator, TaskAllocation
+from ctxrobot.actuate.actuator import Actuator
 from ctxrobot.actuate.cgroups import (
     CgroupV1Controller,
     CgroupV2Controller,
@@ -38,6 +38,7 @@ from ctxrobot.actuate.docker import (
     DockerApiController,
     DockerBackend,
 )
+from ctxrobot.model.allocation import Machine, TaskAllocation
 from tests.conftest import require_image
 
 pytestmark = pytest.mark.docker
@@ -151,9 +152,11 @@ def test_weights_split_one_cpu(backend: DockerBackend, start_burner: StartBurner
     controllers = {task: fast_controller(backend, start_burner(task)) for task in ("a", "b")}
     for controller in controllers.values():
         controller.set_cpuset("1")  # the fast path moves them onto one CPU
-    actuator = Actuator(controllers, ncpus=2)
+    actuator = Actuator(controllers, Machine(2))
     for wa, wb in ((300, 100), (100, 300)):
-        actuator.apply({"a": TaskAllocation(weight=wa), "b": TaskAllocation(weight=wb)})
+        actuator.apply(
+            {"a": (None, TaskAllocation(weight=wa)), "b": (None, TaskAllocation(weight=wb))}
+        )
         time.sleep(0.3)
         u0 = {t: c.usage_ns() for t, c in controllers.items()}
         time.sleep(WINDOW_S)

@@ -35,7 +35,7 @@ def states(*tasks: TaskState) -> dict[str, TaskState]:
 
 def test_cfs_touches_nothing() -> None:
     policy = CfsPolicy()
-    assert policy.period_s is None
+    assert policy.wake_at({}, 0.0) is None and policy.decided_at(3.0) == 3.0
     assert policy.allocate({}, states(task("a", directive=CRITICAL)), 0.0) == {}
 
 
@@ -50,7 +50,6 @@ def test_static_uses_manifest_weights_and_caps_whatever_the_context() -> None:
 
 def test_weights_normalises_context_weights_to_fractions_every_period() -> None:
     policy = WeightsPolicy(period_s=0.1)
-    assert policy.period_s == 0.1
     tasks = states(
         task("slam", weight=100),
         task("signs", weight=100, directive=TaskDirective(weight=200)),
@@ -62,6 +61,12 @@ def test_weights_normalises_context_weights_to_fractions_every_period() -> None:
         "signs": TaskAllocation(weight=500, share_cap=0.5),
         "speech": TaskAllocation(weight=250, share_cap=0.25),
     }
+    # It polls: until the next period boundary the answer stays what it computed.
+    assert policy.wake_at(tasks, 0.0) == pytest.approx(0.1) and policy.decided_at(0.05) == 0.0
+    louder = {**tasks, "speech": task("speech", weight=100, directive=TaskDirective(weight=900))}
+    assert policy.allocate({}, louder, 0.05) == got
+    assert policy.allocate({}, louder, 0.1)["speech"].share_cap == 0.75
+    assert policy.decided_at(0.1) == 0.1 and policy.wake_at(tasks, 0.1) == pytest.approx(0.2)
 
 
 def test_weights_gives_rule_shares_and_splits_the_rest_by_weight() -> None:
@@ -286,7 +291,8 @@ def test_ctx_invariants_on_random_states() -> None:
 
 
 def test_make_policy_by_name() -> None:
-    assert make_policy("weights", period_ms=50).period_s == 0.05
-    assert make_policy("ctx").period_s is None
+    weights = make_policy("weights", period_ms=50)
+    assert isinstance(weights, WeightsPolicy) and weights.period_s == 0.05
+    assert isinstance(make_policy("ctx"), CtxPolicy)
     with pytest.raises(ValueError, match="unknown policy 'fifo'"):
         make_policy("fifo")

@@ -5,7 +5,7 @@ and the actuator is told the machine has one CPU, so every share below is a frac
 that CPU and the burners always contend (each would use all of it alone). They run under a
 per-test parent cgroup with the highest weight, so host load on this shared machine barely
 dents them. The whole chain runs in real time: an audio level published on the bus →
-voice signal → rule → ``ctx`` policy → the cgroup fast path, in the publisher's thread.
+the decision thread → voice signal → rule → ``ctx`` policy → the cgroup fast path.
 
 CPU shares are read from each container's cgroup accounting over 1 s windows. The printed
 numbers are the measurement; the asserts allow 0.05 of the CPU for quota-period edges and
@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Iterator, Mapping
 
 import pytest
-from reactivex.abc import SchedulerBase
 
 from ctxrobot.actuate.actuator import Actuator
 from ctxrobot.actuate.cgroups import (
@@ -30,12 +29,14 @@ from ctxrobot.actuate.cgroups import (
     ParentCgroup,
 )
 from ctxrobot.actuate.docker import ContainerSpec, DockerBackend
+from ctxrobot.model.allocation import Machine
 from ctxrobot.model.bus import EventBus
 from ctxrobot.model.events import AllocationApplied, AudioLevel
-from ctxrobot.sched.context import ContextTracker, voice_signals
-from ctxrobot.sched.policy import CtxPolicy, TaskState
+from ctxrobot.sched.policy import CtxPolicy
 from ctxrobot.sched.rules import RuleSpec
-from ctxrobot.sched.scheduler import ContextScheduler
+from ctxrobot.sched.signals import Voice
+from ctxrobot.sched.state import SchedulerState, TaskConfig
+from ctxrobot.service.loop import DecisionLoop, Executor
 from tests.conftest import require_image
 
 pytestmark = pytest.mark.docker
@@ -109,31 +110,26 @@ def voice_rule(share: float) -> RuleSpec:
 
 def start_scheduler(
     controllers: Mapping[str, CpuController], share: float, hangover_s: float
-) -> tuple[EventBus, ContextScheduler, list[AllocationApplied]]:
+) -> tuple[EventBus, DecisionLoop, list[AllocationApplied]]:
+    """The runtime's decision thread over the burners, fed by the bus."""
     bus = EventBus()
     applied: list[AllocationApplied] = []
     bus.subscribe("allocation", applied.append, name="test", inline=True)
-
-    def tracker(rx: SchedulerBase) -> ContextTracker:
-        voice = voice_signals(
-            bus.stream("sensor.audio"), rx, threshold_db=-35.0, hangover_s=hangover_s
-        )
-        return ContextTracker(bus, [voice])
-
     tasks = [
-        TaskState(name, cpu_min=0.1, cpu_max=1.0, max_freeze_s=60.0, deadline_s=0.5)
+        TaskConfig(name, cpu_min=0.1, cpu_max=1.0, max_freeze_s=60.0, deadline_s=0.5)
         for name in TASKS
     ]
-    scheduler = ContextScheduler(
-        bus,
-        CtxPolicy(),
-        Actuator(controllers, ncpus=1),
+    core = SchedulerState(
         tasks,
-        [voice_rule(share)],
-        tracker=tracker,
+        policy=CtxPolicy(),
+        rules=[voice_rule(share)],
+        signals=[Voice("mic", threshold_db=-35.0, hangover_s=hangover_s)],
     )
-    scheduler.start()
-    return bus, scheduler, applied
+    executor = Executor(Actuator(controllers, Machine(1)), lambda _task, _rate: None, bus)
+    loop = DecisionLoop(core, executor)
+    loop.attach(bus)
+    loop.start()
+    return bus, loop, applied
 
 
 def speak(bus: EventBus) -> float:
@@ -155,7 +151,7 @@ def test_a_critical_task_gets_its_share_within_100ms_and_gives_it_back(
         t_voice = speak(bus)
         time.sleep(0.2)
         during = shares(controllers)
-        # The voice ends hangover_s after the chunk, on the scheduler's own timer thread.
+        # The voice ends hangover_s after the chunk: the decision thread's own wake-up.
         time.sleep(max(0.0, t_voice + hangover_s + 0.3 - time.monotonic()))
         after = shares(controllers)
     finally:

@@ -5,7 +5,7 @@ Starts burner containers (``ctxrobot/burner``, built by ``tools/setup``) under a
 parent cgroup, then times, on the same containers:
 
 - ``allocation``: one whole allocation change (every task's weight and quota) applied by the
-  :class:`~ctxrobot.actuator.Actuator`, alternating between two allocations so that every
+  :class:`~ctxrobot.actuate.actuator.Actuator`, alternating between two allocations so that every
   apply really writes; once with fast-path controllers, once with the Docker-API fallback
   (``container.update`` per field, what the published prototype's ``docker update`` did);
 - ``one weight``: a single weight change on one container (one file write vs one
@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ctxrobot.actuate.actuator import Actuator, TaskAllocation
+from ctxrobot.actuate.actuator import Actuator
 from ctxrobot.actuate.cgroups import CgroupV1Controller, CgroupV2Controller, ParentCgroup
 from ctxrobot.actuate.docker import (
     ContainerError,
@@ -40,6 +40,7 @@ from ctxrobot.actuate.docker import (
     DockerApiController,
     DockerBackend,
 )
+from ctxrobot.model.allocation import Machine, TaskAllocation
 
 ALLOCATIONS = (
     {"t0": TaskAllocation(weight=300, share_cap=0.5), "t1": TaskAllocation(weight=100)},
@@ -58,12 +59,16 @@ def time_ms(action: Callable[[int], object], iterations: int) -> np.ndarray:
 
 
 def bench_path(controllers: dict[str, CpuController], iterations: int) -> dict[str, np.ndarray]:
-    actuator = Actuator(controllers, ncpus=2)
-    actuator.apply(ALLOCATIONS[1])  # from here on every apply changes every task
+    actuator = Actuator(controllers, Machine(2))
+    changes = [
+        {t: (ALLOCATIONS[1 - k][t], ALLOCATIONS[k][t]) for t in ALLOCATIONS[k]} for k in (0, 1)
+    ]
+    actuator.apply({t: (None, a) for t, a in ALLOCATIONS[1].items()})
     first = next(iter(controllers.values()))
     first.thaw()
     return {
-        "allocation": time_ms(lambda i: actuator.apply(ALLOCATIONS[i % 2]), iterations),
+        # Alternating: every change writes every task's weight and cap.
+        "allocation": time_ms(lambda i: actuator.apply(changes[i % 2]), iterations),
         "one weight": time_ms(lambda i: first.set_weight(200 if i % 2 else 150), iterations),
         "freeze+thaw": time_ms(lambda _i: (first.freeze(), first.thaw()), iterations),
     }

@@ -3,8 +3,8 @@
 Re-sharing the CPU through ``docker update`` costs tens of milliseconds (a CLI or HTTP round
 trip, the daemon, then runc). The kernel only needs a short ``write(2)`` to a cgroup file, so
 the controllers here open the file, write the value and close it: no subprocess, no daemon.
-Each controller remembers the last value it wrote per file, so re-applying an unchanged
-allocation costs nothing.
+Controllers write what they are told: deciding what changed is the scheduler core's job
+(``ctxrobot.model.allocation.changed``), done once, not again per file.
 
 Vocabulary (see ARCHITECTURE.md, "Allocation vocabulary"):
 
@@ -143,27 +143,6 @@ def read_file(path: Path) -> str:
         raise CgroupError(f"cannot read {path}: {err.strerror}", err.errno, path) from err
 
 
-class _CachedWriter:
-    """Remembers the last value written per file so an unchanged write is skipped.
-
-    The cache assumes this object is the only writer of those files while it lives; a fresh
-    controller (empty cache) always writes, which is what cleanup paths rely on.
-    """
-
-    def __init__(self) -> None:
-        self._last: dict[Path, str] = {}
-
-    def write(self, path: Path, value: str) -> bool:
-        """Write unless ``value`` is what we last wrote there; True when a write happened."""
-        if self._last.get(path) == value:
-            return False
-        # Forget first: if the write fails the file's content is unknown.
-        self._last.pop(path, None)
-        write_file(path, value)
-        self._last[path] = value
-        return True
-
-
 class CgroupV1Controller:
     """Container CPU control on cgroup v1: one directory per hierarchy."""
 
@@ -172,7 +151,6 @@ class CgroupV1Controller:
         if missing:
             raise CgroupError(f"cgroup v1 hierarchies not found: {', '.join(missing)}")
         self.dirs = dict(dirs)
-        self._writer = _CachedWriter()
         self._period_us: int | None = None
 
     @property
@@ -196,31 +174,31 @@ class CgroupV1Controller:
         write_file(path, read_file(path))
 
     def set_weight(self, weight: int) -> None:
-        self._writer.write(self._path("cpu", "cpu.shares"), str(weight_to_shares(weight)))
+        write_file(self._path("cpu", "cpu.shares"), str(weight_to_shares(weight)))
 
     def set_share_cap(self, share: float | None, ncpus: float) -> None:
         path = self._path("cpu", "cpu.cfs_quota_us")
         if share is None:
-            self._writer.write(path, "-1")
+            write_file(path, "-1")
             return
         if self._period_us is None:
             self._period_us = int(read_file(self._path("cpu", "cpu.cfs_period_us")))
         value = str(quota_us(share, ncpus, self._period_us))
         try:
-            self._writer.write(path, value)
+            write_file(path, value)
         except CgroupError as err:
             if err.errno != errno.EINVAL:
                 raise
             # v1 refuses a child quota above its parent's (v2 silently takes the minimum).
             # "-1" lets the parent's limit apply, which is exactly v2's min(child, parent).
             log.debug("quota %s above the parent's limit at %s; using the parent's", value, path)
-            self._writer.write(path, "-1")
+            write_file(path, "-1")
 
     def freeze(self) -> None:
-        self._writer.write(self._path("freezer", "freezer.state"), "FROZEN")
+        write_file(self._path("freezer", "freezer.state"), "FROZEN")
 
     def thaw(self) -> None:
-        self._writer.write(self._path("freezer", "freezer.state"), "THAWED")
+        write_file(self._path("freezer", "freezer.state"), "THAWED")
 
     @property
     def frozen(self) -> bool:
@@ -229,7 +207,7 @@ class CgroupV1Controller:
         return read_file(self._path("freezer", "freezer.state")) != "THAWED"
 
     def set_cpuset(self, cpus: str) -> None:
-        self._writer.write(self._path("cpuset", "cpuset.cpus"), cpus)
+        write_file(self._path("cpuset", "cpuset.cpus"), cpus)
 
     def usage_ns(self) -> int:
         return int(read_file(self._path("cpuacct", "cpuacct.usage")))
@@ -246,7 +224,6 @@ class CgroupV2Controller:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._writer = _CachedWriter()
         self._period_us: int | None = None
 
     def __repr__(self) -> str:
@@ -264,7 +241,7 @@ class CgroupV2Controller:
 
     def set_weight(self, weight: int) -> None:
         check_weight(weight)
-        self._writer.write(self.path / "cpu.weight", str(weight))
+        write_file(self.path / "cpu.weight", str(weight))
 
     def _period(self) -> int:
         if self._period_us is None:
@@ -275,20 +252,20 @@ class CgroupV2Controller:
     def set_share_cap(self, share: float | None, ncpus: float) -> None:
         period = self._period()
         quota = "max" if share is None else str(quota_us(share, ncpus, period))
-        self._writer.write(self.path / "cpu.max", f"{quota} {period}")
+        write_file(self.path / "cpu.max", f"{quota} {period}")
 
     def freeze(self) -> None:
-        self._writer.write(self.path / "cgroup.freeze", "1")
+        write_file(self.path / "cgroup.freeze", "1")
 
     def thaw(self) -> None:
-        self._writer.write(self.path / "cgroup.freeze", "0")
+        write_file(self.path / "cgroup.freeze", "0")
 
     @property
     def frozen(self) -> bool:
         return read_file(self.path / "cgroup.freeze") == "1"
 
     def set_cpuset(self, cpus: str) -> None:
-        self._writer.write(self.path / "cpuset.cpus", cpus)
+        write_file(self.path / "cpuset.cpus", cpus)
 
     def usage_ns(self) -> int:
         for line in read_file(self.path / "cpu.stat").splitlines():

@@ -85,12 +85,14 @@ class TaskResult:
 
 @dataclass(frozen=True, slots=True)
 class SampleDropped:
-    """A sample was dropped before a task could process it (queue overflow or rate gate)."""
+    """A sample was dropped before a task could process it (queue overflow or rate gate).
+    ``t_sensor``: when it was sensed (None where the dropper does not know)."""
 
     task: str
     sample_id: int
     t: float
     reason: str
+    t_sensor: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,8 @@
 A policy is a small object with one job: given the current context, each task's state and
 the time, say what every task's CPU allocation should be. Policies do no I/O and never
 read a clock (``now`` is passed in), so each one is unit-tested as a pure function and runs
-the same under a virtual-time scheduler; the :mod:`ctxrobot.sched.scheduler` decides *when* to
-ask, the :mod:`ctxrobot.actuate.actuator` does the writing.
+the same in virtual time; :class:`ctxrobot.sched.state.SchedulerState` decides *when* to
+ask, and the edge does the writing.
 
 Four policies, all on the vocabulary of ARCHITECTURE.md ("share" is a fraction of the
 whole machine):
@@ -12,7 +12,7 @@ whole machine):
 - ``cfs``: the stock Linux scheduler, the baseline: touch nothing.
 - ``static``: the manifest's weights and caps, whatever the context.
 - ``weights``: the published prototype (Hadidi et al., EDGE 2023): each task's context
-  weight normalised to a CPU fraction, re-applied every period (100 ms).
+  weight normalised to a CPU fraction, recomputed every period (100 ms): it polls.
 - ``ctx`` (the default): event-driven guarantees for critical tasks, see :class:`CtxPolicy`.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ctxrobot.actuate.actuator import TaskAllocation
+from ctxrobot.model.allocation import TaskAllocation
 from ctxrobot.sched.rules import TaskDirective
 
 __all__ = [
@@ -99,23 +99,27 @@ class TaskState:
 
 
 class Policy(Protocol):
-    """A CPU allocation policy.
+    """A CPU allocation policy: three verbs.
 
-    ``period_s``: how often the scheduler re-applies it (None: only when something changes).
-    ``allocate`` returns the allocation for the tasks it wants to set; tasks it leaves out
-    are not touched. ``wake_at`` is the earliest time at which ``allocate`` would answer
-    differently with no new input (a freeze running out), so an event-driven scheduler
-    needs no periodic timer; None when nothing is pending.
+    ``allocate`` returns the allocation for the tasks it wants to set (tasks it leaves out
+    are not touched); the core asks on every input that may change the answer and writes
+    only what differs from what is applied. ``wake_at`` is the earliest time at which
+    ``allocate`` would answer differently with no new input (a freeze running out, the next
+    period of a polling policy), so the core needs no timer of its own; None: nothing pending.
+    ``decided_at`` is the time the answer reflects: ``now`` for a policy that looks at its
+    inputs on every call, the last poll for one that polls — so an allocation is reported
+    against the input that caused it, not the moment it was finally written.
     """
 
     name: str
-    period_s: float | None
 
     def allocate(
         self, context: Mapping[str, object], tasks: Mapping[str, TaskState], now: float
     ) -> dict[str, TaskAllocation]: ...
 
     def wake_at(self, tasks: Mapping[str, TaskState], now: float) -> float | None: ...
+
+    def decided_at(self, now: float) -> float: ...
 
 
 def _cap(share: float) -> float | None:
@@ -127,7 +131,6 @@ class CfsPolicy:
     """The baseline: leave everything to the stock Linux scheduler."""
 
     name = "cfs"
-    period_s: float | None = None
 
     def allocate(
         self, context: Mapping[str, object], tasks: Mapping[str, TaskState], now: float
@@ -137,13 +140,15 @@ class CfsPolicy:
     def wake_at(self, tasks: Mapping[str, TaskState], now: float) -> float | None:
         return None
 
+    def decided_at(self, now: float) -> float:
+        return now
+
 
 class StaticPolicy:
     """The manifest's weights and caps, blind to context: what a careful integrator would
     configure once with ``docker run --cpu-shares --cpus``."""
 
     name = "static"
-    period_s: float | None = None
 
     def allocate(
         self, context: Mapping[str, object], tasks: Mapping[str, TaskState], now: float
@@ -156,6 +161,9 @@ class StaticPolicy:
     def wake_at(self, tasks: Mapping[str, TaskState], now: float) -> float | None:
         return None
 
+    def decided_at(self, now: float) -> float:
+        return now
+
 
 class WeightsPolicy:
     """The published prototype's method, reproduced as the comparison point.
@@ -164,10 +172,12 @@ class WeightsPolicy:
     that fraction (all such shares scaled down together if they exceed the machine); the
     others split the rest in proportion to their context weight (the rules' ``weight``,
     else the manifest's). Each fraction is applied as both cap and weight (the prototype's
-    ``docker update --cpus --cpu-shares``), re-applied every ``period_s`` whether or not
-    anything changed. No minimums, no freezing, no rates: that is the method compared. The
-    one guard is a floor of :data:`WEIGHTS_MIN_FRACTION`: a zero quota means "unlimited" to
-    Docker and the kernel alike.
+    ``docker update --cpus --cpu-shares``). It **polls**: the allocation is recomputed at
+    each period boundary (every ``period_s``, on the grid ``k × period_s``) from the context
+    and task states of that moment; between two boundaries it keeps answering what it
+    computed last, whatever happened since. No minimums, no freezing, no rates: that is the
+    method compared. The one guard is a floor of :data:`WEIGHTS_MIN_FRACTION`: a zero quota
+    means "unlimited" to Docker and the kernel alike.
     """
 
     name = "weights"
@@ -175,11 +185,21 @@ class WeightsPolicy:
     def __init__(self, period_s: float = 0.1) -> None:
         if period_s <= 0:
             raise ValueError(f"period_s must be positive, got {period_s}")
-        self.period_s: float | None = period_s
+        self.period_s = period_s
+        self._polled: dict[str, TaskAllocation] | None = None
+        self._polled_at = -math.inf
+        self._next_poll = -math.inf
 
     def allocate(
         self, context: Mapping[str, object], tasks: Mapping[str, TaskState], now: float
     ) -> dict[str, TaskAllocation]:
+        if self._polled is None or now >= self._next_poll or set(self._polled) != set(tasks):
+            self._polled = self._compute(tasks)
+            self._polled_at = now
+            self._next_poll = (math.floor(now / self.period_s + 1e-9) + 1) * self.period_s
+        return dict(self._polled)
+
+    def _compute(self, tasks: Mapping[str, TaskState]) -> dict[str, TaskAllocation]:
         claimed = {n: t.directive.share for n, t in tasks.items() if t.directive.share is not None}
         total = sum(claimed.values())
         scale = 1.0 / total if total > 1.0 else 1.0
@@ -198,7 +218,10 @@ class WeightsPolicy:
         return allocation
 
     def wake_at(self, tasks: Mapping[str, TaskState], now: float) -> float | None:
-        return None
+        return self._next_poll if self._polled is not None else None
+
+    def decided_at(self, now: float) -> float:
+        return self._polled_at
 
 
 def feedback_direction(task: TaskState) -> int:
@@ -241,7 +264,6 @@ class CtxPolicy:
     """
 
     name = "ctx"
-    period_s: float | None = None
 
     def __init__(
         self,
@@ -351,6 +373,9 @@ class CtxPolicy:
                 times.append(t.thawed_at + self.thaw_s)
         pending = [x for x in times if x > now]
         return min(pending, default=None)
+
+    def decided_at(self, now: float) -> float:
+        return now
 
 
 def _fit(bounds: Mapping[str, tuple[float, float]], budget: float) -> dict[str, float]:

@@ -20,7 +20,10 @@ from ctxrobot.manifest.schema import ManifestError, RestartSpec, load_manifest
 from ctxrobot.model.events import TaskStateChanged
 from ctxrobot.observe.status import StatusBoard
 from ctxrobot.sched.rules import critical_rules
+from ctxrobot.sched.signals import check_override
+from ctxrobot.sched.state import OverrideSignals, ReloadRules
 from ctxrobot.service.control import ControlError, ControlServer
+from ctxrobot.service.loop import DecisionLoop
 from ctxrobot.service.runtime import RunFailed, RunOptions, Runtime
 
 log = logging.getLogger(__name__)
@@ -83,14 +86,13 @@ class Daemon:
             ),
         )
         self.board = StatusBoard(
-            self.runtime.bus,
             deadlines_ms={t.name: t.deadline_ms for t in self.runtime.tasks},
             critical_rules=critical_rules(self.manifest.rules),
             policy=self.runtime.policy_name,
             config=str(options.config),
             run_dir=str(options.out_dir),
         )
-        self.runtime.usage_listeners.append(self.board.record_usage)
+        self.runtime.observers.add(self.board, "status")
         self.control = ControlServer(
             options.socket,
             {
@@ -114,30 +116,37 @@ class Daemon:
 
         return [r for r in container_rows() if r["run"] == self.runtime.run_id]
 
-    def _tracker(self) -> Any:
-        scheduler = self.runtime.scheduler
-        if scheduler is None or scheduler.tracker is None:
+    def _decisions(self) -> DecisionLoop:
+        decisions = self.runtime.decisions
+        if decisions is None:
             raise ControlError("the scheduler is not running yet")
-        return scheduler.tracker
+        return decisions
 
     def _context(self, _request: dict[str, Any]) -> dict[str, Any]:
-        tracker = self._tracker()
-        return {
-            "signals": tracker.signals,
-            "overrides": tracker.overrides,
-            "active_rules": self.runtime.scheduler.active_rules,
-        }
+        return self._decisions().call(
+            lambda core: {
+                "signals": core.context.signals,
+                "overrides": core.context.overrides,
+                "active_rules": list(core.active_rules),
+            }
+        )
 
     def _override(self, request: dict[str, Any]) -> dict[str, Any]:
         """Pin context signals to values (bench testing), or `clear` the pins."""
-        tracker = self._tracker()
+        decisions = self._decisions()
         if request.get("clear"):
-            tracker.clear_overrides()
+            decisions.submit(OverrideSignals(None))
         else:
             signals = request.get("signals")
             if not isinstance(signals, dict) or not signals:
                 raise ControlError('override needs "signals": {name: value, …} or "clear": true')
-            tracker.override(signals)
+            try:
+                for name, value in signals.items():
+                    check_override(name, value)
+            except ValueError as err:
+                raise ControlError(str(err)) from None
+            decisions.submit(OverrideSignals(dict(signals)))
+        # Read back after the core applied it: the inbox keeps the order.
         return self._context(request)
 
     def _reload(self, _request: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +157,7 @@ class Daemon:
             raise ControlError(
                 "reload refused, the running rules stay:\n" + "\n".join(map(str, err.problems))
             ) from None
-        self.runtime.scheduler.reload(fresh.rules)
+        self._decisions().submit(ReloadRules(fresh.rules))
         self.board.set_critical_rules(critical_rules(fresh.rules))
         self.manifest = fresh
         log.info("reloaded %d rule(s) from %s", len(fresh.rules), self.options.config)

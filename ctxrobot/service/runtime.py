@@ -15,20 +15,27 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctxrobot.actuate.actuator import Actuator, TaskAllocation
+from ctxrobot.actuate.actuator import Actuator
 from ctxrobot.actuate.cgroups import CgroupError, CpuController, ParentCgroup
 from ctxrobot.actuate.docker import BindMount, ContainerSpec, DockerBackend
 from ctxrobot.manifest.schema import Manifest, TaskSpec
+from ctxrobot.model.allocation import Machine
 from ctxrobot.model.bus import EventBus
 from ctxrobot.model.errors import DataMissingError
-from ctxrobot.model.events import TaskStateChanged
-from ctxrobot.observe.store import RunStore, allocated_shares, summarize
+from ctxrobot.model.events import TaskStateChanged, UsageSampled
+from ctxrobot.observe.metrics import MetricsExporter
+from ctxrobot.observe.pipeline import ObserverPipeline
+from ctxrobot.observe.readers import summarize
+from ctxrobot.observe.store import RunStore
 from ctxrobot.service import guard
+from ctxrobot.service.core import build_core
+from ctxrobot.service.host import read_host
+from ctxrobot.service.loop import DecisionLoop, Executor, PeriodicSampler
 from ctxrobot.streams.channel import TaskChannel
 from ctxrobot.streams.replay import ScenarioPlayer, build_sources
 from ctxrobot.streams.source import Fired, LiveSource
@@ -87,7 +94,7 @@ class Runtime:
         self.bus = EventBus()
         # "The whole machine" that shares refer to: the robot's CPUs, or the envelope the
         # tasks are confined to (`--cpus`), whichever is smaller.
-        self.ncpus: float = (
+        self.machine = Machine(
             min(options.cpus, manifest.robot.cpus) if options.cpus else manifest.robot.cpus
         )
         self.channels: dict[str, TaskChannel] = {}
@@ -99,7 +106,7 @@ class Runtime:
         self.store: RunStore | None = None
         self.player: ScenarioPlayer | None = None
         self.live_sources: list[LiveSource] = []
-        self.scheduler: Any = None
+        self.decisions: DecisionLoop | None = None
         self.parent: ParentCgroup | None = None
         self._guard: Any = None
         self._stop = threading.Event()
@@ -109,7 +116,10 @@ class Runtime:
         self.t_play = 0.0
         self._cpu_play = self._cpu_end = 0.0
         self.t_end = 0.0
-        self.usage_listeners: list[Callable[[str, float], None]] = []
+        # Store, status and metrics read the bus through this one consumer thread.
+        self.observers = ObserverPipeline(self.bus)
+        self.metrics: MetricsExporter | None = None
+        self._usage: dict[str, tuple[float, int]] = {}
         self.failure: str | None = None
         self.task_summaries: dict[str, dict[str, object]] = {}
 
@@ -129,7 +139,6 @@ class Runtime:
                 f"data folder {data} not found: set CTXROBOT_DATA to the shared data folder "
                 "(it holds slam/, signs/, speech/), or download it with `ctxrobot data fetch`"
             )
-        _become_realtime()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         scenario = self.manifest.scenario
         duration = self.options.duration_s or scenario.duration_s
@@ -147,13 +156,13 @@ class Runtime:
             policy=self.policy_name,
             manifest_path=str(self.manifest.path),
             scenario_path=str(scenario.path),
-            ncpus=self.ncpus,
+            ncpus=self.machine.cpus,
             tasks=[
                 (t.name, t.image, t.deadline_ms, t.resources.cpu_min, t.resources.cpu_max)
                 for t in self.tasks
             ],
         )
-        self.store.attach(self.bus)
+        self.observers.add(self.store, "store")
         self.backend = DockerBackend()
         # The envelope needs write access to the cgroup tree: fail on it before anything runs.
         self._cgroup_parent = self._make_parent()
@@ -165,13 +174,14 @@ class Runtime:
             self._start_task(spec)
         for spec in self.tasks:
             self._await_task(spec)
-        self.actuator = Actuator(self.controllers, self.ncpus)
-        # The context -> allocation chain runs in the player thread; with Python's default
-        # 5 ms GIL switch interval it can wait that long behind a channel or store thread.
+        self.actuator = Actuator(self.controllers, self.machine)
+        # A decision waits for the GIL behind whichever thread holds it, up to Python's
+        # switch interval (5 ms by default); the decision thread's real-time priority only
+        # helps once it holds the GIL.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        self._start_scheduler(self.actuator)
+        self._start_decisions(self.actuator)
         self._start_metrics()
-        self._start_usage_sampler()
+        self._start_sampler()
         self.t_play = time.monotonic()
         self._cpu_play = _own_cpu_s()
         self.player.start(self.t_play)
@@ -265,18 +275,15 @@ class Runtime:
         text = container.logs(tail=lines).decode(errors="replace").rstrip()
         return f"last {lines} log lines of task {task!r}:\n{text}"
 
-    def _start_scheduler(self, actuator: Actuator) -> None:
-        from ctxrobot.sched.scheduler import build_scheduler
+    def _start_decisions(self, actuator: Actuator) -> None:
+        core = build_core(self.manifest, self.policy_name, [t.name for t in self.tasks])
+        self.decisions = DecisionLoop(core, Executor(actuator, self._set_rate, self.bus))
+        self.decisions.attach(self.bus)
+        self.decisions.start()
 
-        self.scheduler = build_scheduler(
-            self.manifest,
-            self.policy_name,
-            self.bus,
-            _RuntimeActuator(actuator, self.channels),
-            tasks=[t.name for t in self.tasks],
-            ncpus=self.ncpus,
-        )
-        self.scheduler.start()
+    def _set_rate(self, task: str, rate_hz: float | None) -> None:
+        if (channel := self.channels.get(task)) is not None:
+            channel.set_rate(rate_hz)
 
     # -- one task at a time (daemon: restarts, `ctxrobot ctl task`) ---------------------------
     def task_spec(self, name: str) -> TaskSpec:
@@ -329,20 +336,36 @@ class Runtime:
     def _start_metrics(self) -> None:
         if self.options.metrics_port is None:
             return
-        from ctxrobot.observe.metrics import MetricsExporter
-
-        exporter = MetricsExporter(
-            self.bus, deadlines_ms={t.name: t.deadline_ms for t in self.tasks}
-        )
-        port = exporter.serve(self.options.metrics_port)
+        self.metrics = MetricsExporter(deadlines_ms={t.name: t.deadline_ms for t in self.tasks})
+        port = self.metrics.serve(self.options.metrics_port)
+        self.observers.add(self.metrics, "metrics")
         log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", port)
-        self.usage_listeners.append(exporter.record_usage)
-        self._extra_stops.append(exporter.close)
 
-    def _start_usage_sampler(self) -> None:
-        sampler = UsageSampler(self, USAGE_PERIOD_S)
+    def _start_sampler(self) -> None:
+        jobs: dict[str, tuple[float, Callable[[float], None]]] = {
+            "usage": (USAGE_PERIOD_S, self._sample_usage)
+        }
+        if (host := self.manifest.context.host) is not None:
+            jobs["host"] = (host.period_s, lambda t: self.bus.publish("host", read_host(t)))
+        sampler = PeriodicSampler(jobs)
         sampler.start()
         self._extra_stops.insert(0, sampler.stop)
+
+    def _sample_usage(self, now: float) -> None:
+        """CPU each task used since the last reading (cgroup accounting), as a share of the
+        machine: the one reading the scheduler, the record and the dashboard share."""
+        used: dict[str, float] = {}
+        for task, controller in list(self.controllers.items()):
+            try:
+                ns = controller.usage_ns()
+            except (CgroupError, OSError):
+                continue  # the container is being restarted
+            before = self._usage.get(task)
+            self._usage[task] = (now, ns)
+            if before is not None and now > before[0]:
+                used[task] = self.machine.share_of(max(0, ns - before[1]), now - before[0])
+        if used:
+            self.bus.publish("usage", UsageSampled(now, used))
 
     # -- running ----------------------------------------------------------------------------
     def _emit(self, source: str, fired: Fired) -> None:
@@ -414,8 +437,8 @@ class Runtime:
         for source in self.live_sources:
             source.stop()
         # Thaw first: a frozen task cannot even answer the end of its stream.
-        if self.scheduler is not None:
-            self.scheduler.stop()
+        if self.decisions is not None:
+            self.decisions.stop()
         for name, channel in self.channels.items():
             self.task_summaries[name] = channel.finish(timeout_s=10.0)
         for stop in self._extra_stops:
@@ -426,9 +449,12 @@ class Runtime:
             self.parent.remove()
         if self._guard is not None:
             guard.release(self._guard)
+        # Every producer has stopped: let the observers finish what is queued, then close them.
+        self.observers.close()
+        if self.metrics is not None:
+            self.metrics.close()
         summary = None
         if self.store is not None:
-            self.bus.drain(10.0)
             duration = self.t_end - self.t0
             extra = self._run_figures()
             self.store.close(duration, {"task_summaries": self.task_summaries, **extra})
@@ -440,101 +466,7 @@ class Runtime:
 USAGE_PERIOD_S = 0.5
 
 
-RT_PRIORITY = int(os.environ.get("CTXROBOT_RT_PRIORITY", "10"))  # 0: stay SCHED_OTHER
-
-
-def _become_realtime() -> None:
-    """Run the runtime at real-time priority (SCHED_FIFO), as robot executors do.
-
-    The runtime competes for the CPU with the very containers it schedules; under plain
-    CFS a context change can wait milliseconds for a core. It uses ~2% of one core and
-    never spins, so FIFO cannot starve the machine (and the kernel's RT throttling caps it
-    at 95% anyway). Threads started later inherit it (SCHED_RESET_ON_FORK would stop
-    that too: the kernel applies it to threads as well); the one child process, the guard,
-    drops back to normal scheduling itself. Without CAP_SYS_NICE: one warning, CFS.
-    """
-    if RT_PRIORITY <= 0:
-        return
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
-    except PermissionError:
-        log.warning(
-            "cannot use real-time priority (needs root or CAP_SYS_NICE); actuation latency "
-            "will suffer when the CPU is busy"
-        )
-
-
 def _own_cpu_s() -> float:
     """CPU seconds this process (the runtime, all its threads) has used so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-class UsageSampler(threading.Thread):
-    """Measured CPU use per task from cgroup accounting: the one reader of those counters,
-    for the record, the dashboard and the scheduler's measured demand.
-
-    Polling is fine here: this is observation, not actuation (the scheduler reacts to
-    events, never to this thread).
-    """
-
-    def __init__(self, runtime: Runtime, period_s: float) -> None:
-        super().__init__(name="usage", daemon=True)
-        self.runtime = runtime
-        self.period_s = period_s
-        self._halt = threading.Event()
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def run(self) -> None:
-        rt = self.runtime
-        while not self._halt.wait(self.period_s):
-            now = time.monotonic()
-            allocated: dict[str, float] = {}
-            if rt.actuator is not None:
-                applied = {t: a for t in rt.actuator.tasks if (a := rt.actuator.applied(t))}
-                allocated = allocated_shares(applied)
-            readings: dict[str, int] = {}
-            for task, controller in list(rt.controllers.items()):
-                try:
-                    ns = readings[task] = controller.usage_ns()
-                except (CgroupError, OSError):
-                    continue  # the container is being restarted
-                before = self._last.get(task)
-                self._last[task] = (now, ns)
-                if before is None or now <= before[0]:
-                    continue
-                used = (ns - before[1]) / ((now - before[0]) * 1e9 * rt.ncpus)
-                if rt.store is not None:
-                    rt.store.record_usage(now, task, used, allocated.get(task, 1.0))
-                for listener in rt.usage_listeners:
-                    listener(task, used)
-            if rt.scheduler is not None:
-                rt.scheduler.record_usage(readings, now)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(2.0)
-
-
-class _RuntimeActuator:
-    """The actuator the scheduler drives: cgroups via the fast path, rates via the sockets."""
-
-    def __init__(self, cgroups: Actuator, channels: Mapping[str, TaskChannel]) -> None:
-        self.cgroups = cgroups
-        self.channels = channels
-
-    def apply(self, allocation: Mapping[str, TaskAllocation]) -> Any:
-        # A task being restarted has no container for a moment; it gets its allocation
-        # when it is attached again.
-        live = {t: a for t, a in allocation.items() if t in self.cgroups.tasks}
-        report = self.cgroups.apply(live)
-        for task, alloc in live.items():
-            if (channel := self.channels.get(task)) is not None:
-                channel.set_rate(alloc.rate_hz)
-        return report
-
-    def thaw_all(self) -> list[str]:
-        return self.cgroups.thaw_all()
-
-    def applied(self, task: str) -> TaskAllocation | None:
-        return self.cgroups.applied(task)

@@ -211,7 +211,9 @@ class TaskChannel:
         back into this channel (`set_rate`), so the order is always bus lock first."""
         now = self._clock()
         for sample, reason in drops:
-            self._bus.publish("task.dropped", SampleDropped(self.task, sample.id, now, reason))
+            self._bus.publish(
+                "task.dropped", SampleDropped(self.task, sample.id, now, reason, sample.t_sensor)
+            )
 
     def _next_item(self) -> Sample | _Control | None:
         """Block until a control message or a sample may go out (None: end of stream);

@@ -1,0 +1,248 @@
+"""The decision thread: the one owner of the scheduler's core, and the executor at its edge.
+
+Every input the core needs reaches it as an event in one inbox: bus events (sensor readings,
+task results, container states, CPU usage) through an inline bus subscription that only
+enqueues, and the operator's commands (overrides, rule reloads) through :meth:`submit`.
+The thread takes them one at a time, asks :meth:`SchedulerState.handle` for the actions and
+hands them to the :class:`Executor`; when the core announces a wake-up
+(:meth:`SchedulerState.wake_at`) it waits for the next event only until then, and hands the
+core a :class:`~ctxrobot.sched.state.Tick`. So decisions never run on a publisher's thread,
+no lock is held while cgroup files are written, and the order of decisions is the order of
+the inbox.
+
+Only this thread runs at real-time priority (``SCHED_FIFO``): a context change must not wait
+behind the containers it is about to re-weight, but the SQLite writer, the camera-frame
+copies and the sockets have no business above the tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ctxrobot.actuate.actuator import Actuator
+from ctxrobot.model.actions import Action, ApplyAllocation, Publish, SetRate
+from ctxrobot.model.bus import EventBus
+from ctxrobot.model.events import AllocationApplied
+from ctxrobot.sched.state import SchedulerState, Start, Tick
+
+__all__ = ["CORE_TOPICS", "DecisionLoop", "Executor", "PeriodicSampler"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The bus topics the core reads.
+CORE_TOPICS = (
+    "sensor.odometry",
+    "sensor.scan",
+    "sensor.audio",
+    "sensor.camera",
+    "host",
+    "task.result",
+    "task.dropped",
+    "task.state",
+    "usage",
+)
+
+#: Priority of the decision thread (0: stay SCHED_OTHER). Below the kernel's own
+#: real-time threads (50 and up), above every task.
+RT_PRIORITY = int(os.environ.get("CTXROBOT_RT_PRIORITY", "10"))
+
+
+class Executor:
+    """Carries out the core's actions: cgroup writes through the fast path, rates through
+    the task sockets, events onto the bus. Runs on the decision thread only."""
+
+    def __init__(
+        self,
+        actuator: Actuator,
+        set_rate: Callable[[str, float | None], None],
+        bus: EventBus,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.actuator = actuator
+        self._set_rate = set_rate
+        self._bus = bus
+        self._clock = clock
+
+    def run(self, actions: Iterable[Action]) -> None:
+        for action in actions:
+            if isinstance(action, ApplyAllocation):
+                self._apply(action)
+            elif isinstance(action, SetRate):
+                self._set_rate(action.task, action.rate_hz)
+            elif isinstance(action, Publish):
+                self._bus.publish(action.topic, action.event)
+
+    def _apply(self, action: ApplyAllocation) -> None:
+        # A task being restarted has no container for a moment; it gets its whole
+        # allocation when it runs again (the core forgets what it had).
+        self.actuator.apply(action.changes)
+        done = self._clock()
+        self._bus.publish(
+            "allocation",
+            AllocationApplied(
+                t=done,
+                trigger_t=action.trigger_t,
+                policy=action.policy,
+                reason=action.reason,
+                allocation=dict(action.allocation),
+                actuation_ms=(done - action.trigger_t) * 1000.0,
+            ),
+        )
+
+
+_STOP = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """Run ``fn`` on the decision thread (a consistent read of the core's state)."""
+
+    fn: Callable[[SchedulerState], Any]
+    result: Future[Any]
+
+
+class DecisionLoop:
+    """The thread that owns ``state`` (see the module doc)."""
+
+    def __init__(
+        self,
+        state: SchedulerState,
+        executor: Executor,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rt_priority: int = RT_PRIORITY,
+    ) -> None:
+        self.state = state
+        self.executor = executor
+        self._clock = clock
+        self._rt_priority = rt_priority
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="decide", daemon=True)
+        self._subscriptions: list[Any] = []
+        self.errors = 0
+
+    def attach(self, bus: EventBus, topics: Sequence[str] = CORE_TOPICS) -> None:
+        """Feed the core from ``bus``: each event is enqueued in the publisher's thread."""
+        for topic in topics:
+            self._subscriptions.append(
+                bus.subscribe(topic, self._inbox.put, name=f"decide:{topic}", inline=True)
+            )
+
+    def submit(self, event: object) -> None:
+        """Hand the core an event that does not travel on the bus. Safe from any thread."""
+        self._inbox.put(event)
+
+    def call(self, fn: Callable[[SchedulerState], T], timeout_s: float = 5.0) -> T:
+        """``fn(state)`` run on the decision thread, between two events."""
+        result: Future[T] = Future()
+        self._inbox.put(_Call(fn, result))
+        return result.result(timeout_s)
+
+    def start(self) -> None:
+        """Apply the first allocation and start deciding."""
+        self._inbox.put(Start())
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> list[str]:
+        """Stop deciding, then thaw every task: nothing stays frozen after the runtime.
+        Returns the tasks that could not be thawed."""
+        for subscription in self._subscriptions:
+            subscription.dispose()
+        self._subscriptions.clear()
+        if self._thread.is_alive():
+            self._inbox.put(_STOP)
+            self._thread.join(timeout_s)
+        failed = self.executor.actuator.thaw_all()
+        if failed:
+            log.warning("could not thaw: %s", ", ".join(failed))
+        return failed
+
+    def _run(self) -> None:
+        become_realtime(self._rt_priority)
+        while True:
+            wake = self.state.wake_at()
+            timeout = None if wake is None else max(0.0, wake - self._clock())
+            try:
+                event = self._inbox.get(timeout=timeout)
+            except queue.Empty:
+                event = Tick()
+            if event is _STOP:
+                return
+            try:
+                if isinstance(event, _Call):
+                    event.result.set_result(event.fn(self.state))
+                else:
+                    self.executor.run(self.state.handle(event, self._clock()))
+            except Exception as err:  # one bad event must not end scheduling
+                self.errors += 1
+                log.exception("decision on %r failed", event)
+                if isinstance(event, _Call):
+                    event.result.set_exception(err)
+
+
+def become_realtime(priority: int) -> None:
+    """Put the calling thread (only it: Linux schedules threads) on SCHED_FIFO.
+
+    Without CAP_SYS_NICE: one warning, and the thread stays on CFS.
+    """
+    if priority <= 0:
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except PermissionError:
+        log.warning(
+            "cannot use real-time priority (needs root or CAP_SYS_NICE); actuation latency "
+            "will suffer when the CPU is busy"
+        )
+
+
+class PeriodicSampler:
+    """Edge reads that happen on a period (CPU usage from cgroup accounting, host health
+    from sysfs), on one thread of their own: a slow sensor file never delays a decision.
+    Each job reads and publishes; the core hears of it like of any other event."""
+
+    def __init__(
+        self,
+        jobs: Mapping[str, tuple[float, Callable[[float], None]]],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``jobs``: name → (period in seconds, read-and-publish function of the time)."""
+        self._jobs = dict(jobs)
+        self._clock = clock
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sample", daemon=True)
+
+    def start(self) -> None:
+        if self._jobs:
+            self._thread.start()
+
+    def _run(self) -> None:
+        due = {name: self._clock() for name in self._jobs}
+        while True:
+            name = min(due, key=due.__getitem__)
+            if self._halt.wait(max(0.0, due[name] - self._clock())):
+                return
+            period, job = self._jobs[name]
+            now = self._clock()
+            try:
+                job(now)
+            except Exception:
+                log.exception("periodic read %s failed", name)
+            due[name] = max(due[name] + period, now)
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self._thread.is_alive():
+            self._thread.join(2.0)
