@@ -23,6 +23,7 @@ from ctxrobot.sched.rules import critical_rules
 from ctxrobot.sched.signals import check_override
 from ctxrobot.sched.state import OverrideSignals, ReloadRules
 from ctxrobot.service.control import ControlError, ControlServer
+from ctxrobot.service.listing import container_rows
 from ctxrobot.service.loop import DecisionLoop
 from ctxrobot.service.runtime import RunFailed, RunOptions, Runtime
 
@@ -112,8 +113,6 @@ class Daemon:
 
     # -- control handlers -----------------------------------------------------------------
     def _ps(self, _request: dict[str, Any]) -> list[dict[str, Any]]:
-        from ctxrobot.service.listing import container_rows
-
         return [r for r in container_rows() if r["run"] == self.runtime.run_id]
 
     def _decisions(self) -> DecisionLoop:

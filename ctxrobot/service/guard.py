@@ -15,6 +15,9 @@ import signal
 import subprocess
 import sys
 
+from ctxrobot.actuate.cgroups import CgroupError, ParentCgroup
+from ctxrobot.actuate.docker import DockerBackend
+
 log = logging.getLogger("ctxrobot.service.guard")
 
 
@@ -51,9 +54,6 @@ def main(argv: list[str]) -> int:
     # Block until the runtime's end of the pipe closes.
     while os.read(0, 4096):
         pass
-    from ctxrobot.actuate.cgroups import CgroupError, ParentCgroup
-    from ctxrobot.actuate.docker import DockerBackend
-
     removed = DockerBackend().cleanup(run_id)
     if removed:
         log.warning("runtime of run %s ended without cleaning up; removed %s", run_id, removed)
