@@ -3,16 +3,25 @@
 Each is usable wherever a replay source is: ``camera`` where ``camera_replay`` is,
 ``microphone`` where ``audio_replay`` is, ``rplidar`` where ``laser_replay`` is.
 ``pose_odometry`` turns a task's poses (the SLAM task's) into the odometry the motion
-context reads, for robots without wheel odometry.
+context reads, for robots without wheel odometry; a robot that has its own odometry feeds
+it to ``rplidar`` (see :class:`OdometryFeed` for the line protocol).
+
+Nothing here checks that a device exists: devices come and go on a robot, so a missing one
+is a run-time fault (a ``source.state`` event and a reopen with back-off), not a
+validation error.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _MODEL = ConfigDict(extra="forbid", strict=True, frozen=True)
+# Streams OpenCV's FFmpeg backend opens for IP cameras.
+CAMERA_URL_SCHEMES = ("rtsp", "rtsps", "http", "https", "rtmp", "udp", "tcp")
+_HOST_PORT = re.compile(r"^(?P<host>[^:\s]+):(?P<port>\d{1,5})$")
 
 
 class Camera(BaseModel):
@@ -21,7 +30,7 @@ class Camera(BaseModel):
 
     model_config = _MODEL
     kind: Literal["camera"]
-    device: str | int | None = Field(
+    device: str | Annotated[int, Field(ge=0)] | None = Field(
         None, description="/dev/video0, an index such as 0, rtsp://… or http://… or a video file"
     )
     pipeline: str | None = Field(None, description="a GStreamer pipeline, instead of device")
@@ -38,6 +47,28 @@ class Camera(BaseModel):
             raise ValueError(f"size must be [width, height], e.g. [640, 480], got {value!r}")
         return tuple(value)
 
+    @field_validator("device")
+    @classmethod
+    def _known_scheme(cls, device: str | int | None) -> str | int | None:
+        if isinstance(device, str) and "://" in device:
+            scheme = device.split("://", 1)[0].lower()
+            if scheme not in CAMERA_URL_SCHEMES:
+                raise ValueError(
+                    f"camera URL scheme {scheme!r} is not one OpenCV streams; use one of "
+                    f"{', '.join(CAMERA_URL_SCHEMES)}"
+                )
+        return device
+
+    @field_validator("pipeline")
+    @classmethod
+    def _no_sink(cls, pipeline: str | None) -> str | None:
+        if pipeline is not None and "sink" in pipeline.rsplit("!", 1)[-1]:
+            raise ValueError(
+                "end the pipeline at the last video element, without a sink: ctxrobot adds "
+                "`! videoconvert ! video/x-raw,format=BGR ! fdsink` itself"
+            )
+        return pipeline
+
     @model_validator(mode="after")
     def _one_input(self) -> Camera:
         if (self.device is None) == (self.pipeline is None):
@@ -51,19 +82,65 @@ class Microphone(BaseModel):
 
     model_config = _MODEL
     kind: Literal["microphone"]
-    device: str | int | None = Field(
+    device: str | Annotated[int, Field(ge=0)] | None = Field(
         None, description="device name (or part of it) or index; default: the system default"
     )
     chunk_ms: Annotated[int, Field(ge=10, le=1000)] = 100
 
 
+class OdometryFeed(BaseModel):
+    """Where a robot's odometry arrives: UDP datagrams or a serial line, one reading a line.
+
+    Line protocol (ASCII, one reading per line, ``#`` starts a comment)::
+
+        x y theta [v w]
+
+    metres, metres, radians in the odometry frame; ``v`` forward speed (m/s) and ``w`` turn
+    rate (rad/s) are optional (derived from the poses when absent). A reading is stamped on
+    the host's monotonic clock when it arrives.
+    """
+
+    model_config = _MODEL
+    udp: str | None = Field(
+        None, description="HOST:PORT to listen on, e.g. 0.0.0.0:5600 (or 127.0.0.1:5600)"
+    )
+    serial: str | None = Field(None, description="serial device, e.g. /dev/ttyACM0")
+    baud: Annotated[int, Field(gt=0)] = 115200
+
+    @field_validator("udp")
+    @classmethod
+    def _host_port(cls, udp: str | None) -> str | None:
+        if udp is not None:
+            match = _HOST_PORT.match(udp)
+            if match is None or not 0 < int(match["port"]) < 65536:
+                raise ValueError(f"udp must be HOST:PORT, e.g. 0.0.0.0:5600, got {udp!r}")
+        return udp
+
+    @model_validator(mode="after")
+    def _one_link(self) -> OdometryFeed:
+        if (self.udp is None) == (self.serial is None):
+            raise ValueError("give exactly one of `udp:` (HOST:PORT) and `serial:` (a device)")
+        return self
+
+    @property
+    def udp_address(self) -> tuple[str, int]:
+        assert self.udp is not None
+        host, _, port = self.udp.rpartition(":")
+        return host, int(port)
+
+
 class Rplidar(BaseModel):
-    """A Slamtec RPLidar A1/A2/A3 on a serial port; one scan per revolution."""
+    """A Slamtec RPLidar A1/A2/A3 on a serial port; one scan per revolution, binned into
+    ``beams`` equal bearings. With ``odometry``, each scan carries the robot's pose (the
+    SLAM prior) and the source publishes the odometry the motion context reads."""
 
     model_config = _MODEL
     kind: Literal["rplidar"]
     port: str = Field("/dev/ttyUSB0", description="serial device, e.g. /dev/ttyUSB0")
     baud: Literal[115200, 256000] = 115200
+    beams: Annotated[int, Field(ge=90, le=3600)] = 360
+    motor_pwm: Annotated[int, Field(ge=0, le=1023)] = 660
+    odometry: OdometryFeed | None = None
 
 
 class PoseOdometry(BaseModel):
