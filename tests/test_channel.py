@@ -107,8 +107,9 @@ def test_rate_gate_skips_and_tells_the_task(tmp_path: Path) -> None:
     done = [e for e in events if isinstance(e, TaskResult)]
     # 20 samples over ~0.2 s at 5 Hz: the first, plus at most ~2 more slots.
     assert 1 <= len(done) <= 4
-    assert all(e.reason == "rate" for e in events if isinstance(e, SampleDropped))
-    assert len(done) + channel.dropped == 20
+    unprocessed = [e for e in events if isinstance(e, SampleDropped)]
+    assert all(e.reason == "rate" and e.shed for e in unprocessed)
+    assert len(done) + channel.shed == 20 and channel.dropped == 0, "shed, not dropped"
     # Skipped, not held: what is processed was fresh when it went out.
     assert max(r.t_start - r.t_sensor for r in done) < 0.1
     assert task.rates == [5.0]
@@ -173,5 +174,39 @@ def test_rate_changes_during_large_frames_never_corrupt_the_stream(tmp_path: Pat
         flipper.join()
     channel.finish(5)
     assert channel.error is None
-    assert len([e for e in events if isinstance(e, TaskResult)]) == 40
+    results = [e for e in events if isinstance(e, TaskResult)]
+    assert len(results) + channel.shed == 40 and channel.dropped == 0
+    assert all(r.result == {"sum": 0.0} for r in results), "every frame arrived whole"
     assert task.rates, "the task was told about rate changes"
+
+
+def test_block_is_back_pressure_with_a_bound(tmp_path: Path) -> None:
+    """A full `block` queue holds the source back: nothing is dropped, and the queue never
+    holds more than its depth (the source waits instead)."""
+    task = SumTask(delay_s=0.02)
+    channel, _, events = start(tmp_path, task, queue_depth=3, overflow="block")
+    waits: list[float] = []
+    for i in range(12):
+        before = time.monotonic()
+        channel.offer(scan(i))
+        waits.append(time.monotonic() - before)
+        assert len(channel._queue) <= 3
+    assert channel.wait_idle(10)
+    channel.finish(5)
+    assert [e.sample_id for e in events if isinstance(e, TaskResult)] == list(range(12))
+    assert channel.dropped == channel.shed == 0
+    assert sum(waits) > 0.05, "the source waited for room"
+
+
+def test_stale_samples_are_shed_when_the_task_skips_them(tmp_path: Path) -> None:
+    task = SumTask(delay_s=0.05)
+    channel, _, events = start(tmp_path, task, queue_depth=8, stale_after_s=0.03)
+    for i in range(6):  # all at once: the later ones wait > 30 ms behind the first
+        channel.offer(scan(i))
+    assert channel.wait_idle(10)
+    channel.finish(5)
+    done = [e.sample_id for e in events if isinstance(e, TaskResult)]
+    stale = [e for e in events if isinstance(e, SampleDropped)]
+    assert done[0] == 0 and stale and all(e.reason == "stale" and e.shed for e in stale)
+    assert sorted(done + [e.sample_id for e in stale]) == list(range(6))
+    assert all(e.t_sensor is not None for e in stale)

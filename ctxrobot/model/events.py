@@ -83,16 +83,26 @@ class TaskResult:
         return deadline_ms is not None and self.latency_s * 1000.0 > deadline_ms
 
 
+#: Reasons for not processing a sample that are the context's choice, not a loss: the
+#: task's rate limit ("rate") or a sample already past its deadline ("stale"). Everything
+#: else ("queue_full") is a drop: work the task wanted and could not get to.
+SHED_REASONS = frozenset({"rate", "stale"})
+
+
 @dataclass(frozen=True, slots=True)
 class SampleDropped:
-    """A sample was dropped before a task could process it (queue overflow or rate gate).
-    ``t_sensor``: when it was sensed (None where the dropper does not know)."""
+    """A sample was not processed: dropped (its queue was full) or shed (see
+    :data:`SHED_REASONS`). ``t_sensor``: when it was sensed (None where unknown)."""
 
     task: str
     sample_id: int
     t: float
     reason: str
     t_sensor: float | None = None
+
+    @property
+    def shed(self) -> bool:
+        return self.reason in SHED_REASONS
 
 
 @dataclass(frozen=True, slots=True)

@@ -208,7 +208,9 @@ class Runtime:
             self.run_dir / "sockets" / spec.name,
             self.bus,
             queue_depth=spec.queue.depth,
+            # Never dropping means waiting for room: the queue stays bounded either way.
             overflow="block" if self.options.no_drop else spec.queue.overflow,
+            stale_after_s=spec.deadline_s if spec.stale == "skip" else None,
         )
         channel.listen(uid=TASK_UID)
         self.channels[spec.name] = channel

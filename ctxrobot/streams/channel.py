@@ -1,8 +1,16 @@
 """The host end of a task's Unix socket: a bounded sample queue and its dispatch gates.
 
-Samples reach a task one at a time (one in flight): a task that falls behind
-then shows up as queueing latency and, when its queue overflows, as dropped samples,
-instead of as an unbounded socket buffer nobody can see.
+Samples reach a task one at a time (one in flight): a task that falls behind then shows up
+as queueing latency and, at its queue's bound, as dropped samples or back-pressure, instead
+of as an unbounded socket buffer nobody can see. Every queue is bounded by its ``depth``:
+
+- ``drop_oldest``: a new sample evicts the oldest queued one (counted as dropped);
+- ``block``: the source waits until there is room (back-pressure). A replayed source then
+  falls behind its schedule; a live device drops at the device (counted by the source).
+
+A sample that goes out is not always processed: the context may make it useless, and it is
+then *shed*, counted apart from drops — the task's rate limit ("rate": samples between two
+slots) and, for tasks with ``stale: skip``, a sample already past its deadline ("stale").
 
 Whether the next sample may go out is decided by small gate objects with three verbs,
 in the manner of rclpy's executors: `can_execute(now)`, `beginning_execution(sample, now)`
@@ -97,8 +105,11 @@ class TaskChannel:
         *,
         queue_depth: int = 4,
         overflow: Overflow = "drop_oldest",
+        stale_after_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``stale_after_s``: shed a sample older than this when it would go out (a task's
+        deadline with ``stale: skip``; None: always process)."""
         self.task = task
         self.socket_dir = socket_dir
         self.socket_path = socket_dir / "task.sock"
@@ -107,6 +118,7 @@ class TaskChannel:
         self._clock = clock
         self._queue: collections.deque[Sample] = collections.deque()
         self._depth = queue_depth
+        self._deadline_s = stale_after_s
         self._cond = threading.Condition()
         self.in_flight = InFlightGate(1)
         self.rate = RateGate(None)
@@ -121,6 +133,7 @@ class TaskChannel:
         self.pid: int | None = None
         self.received = 0
         self.dropped = 0
+        self.shed = 0
         self.error: BaseException | None = None
         self._threads: list[threading.Thread] = []
 
@@ -178,18 +191,21 @@ class TaskChannel:
 
     # -- hot path --------------------------------------------------------------------------
     def offer(self, sample: Sample) -> None:
-        """Queue a sample for the task (called by source threads; never blocks)."""
+        """Queue a sample for the task (called by source threads). With ``block`` this
+        waits while the queue is full (back-pressure); otherwise it never blocks."""
         dropped = None
         with self._cond:
+            if self._overflow == "block":
+                self._cond.wait_for(lambda: self._closing or len(self._queue) < self._depth)
             if self._closing:
                 return
-            if self._overflow == "drop_oldest" and len(self._queue) >= self._depth:
+            if len(self._queue) >= self._depth:
                 dropped = self._queue.popleft()
                 self.dropped += 1
             self._queue.append(sample)
             self._cond.notify_all()
         if dropped is not None:
-            self._publish_drops([(dropped, "queue_full")])
+            self._publish_unprocessed([(dropped, "queue_full")])
 
     def set_rate(self, rate_hz: float | None) -> None:
         """Apply a context-driven processing rate (None: as fast as samples come).
@@ -205,21 +221,28 @@ class TaskChannel:
             self._control_pending = True
             self._cond.notify_all()
 
-    def _publish_drops(self, drops: list[tuple[Sample, str]]) -> None:
-        """Tell the bus about dropped samples. Never called with the channel lock held:
-        bus delivery takes the bus lock, and inline subscribers (the scheduler) may call
-        back into this channel (`set_rate`), so the order is always bus lock first."""
+    def _publish_unprocessed(self, samples: list[tuple[Sample, str]]) -> None:
+        """Tell the bus about dropped and shed samples. Never called with the channel lock
+        held: a bus delivery must not wait on this channel."""
         now = self._clock()
-        for sample, reason in drops:
+        for sample, reason in samples:
             self._bus.publish(
                 "task.dropped", SampleDropped(self.task, sample.id, now, reason, sample.t_sensor)
             )
 
+    def _shed_reason(self, sample: Sample, now: float) -> str | None:
+        """Why ``sample`` is useless now (it is then shed), or None to send it."""
+        if not self.rate.can_execute(now):
+            return "rate"
+        if self._deadline_s is not None and now - sample.t_sensor > self._deadline_s:
+            return "stale"
+        return None
+
     def _next_item(self) -> Sample | _Control | None:
         """Block until a control message or a sample may go out (None: end of stream);
-        skip samples the rate gate makes useless."""
+        shed samples the context makes useless rather than send them."""
         while True:
-            drops: list[tuple[Sample, str]] = []
+            shed: list[tuple[Sample, str]] = []
             with self._cond:
                 if self._control_pending:
                     self._control_pending = False
@@ -228,19 +251,18 @@ class TaskChannel:
                     return None
                 now = self._clock()
                 if self._queue and self.in_flight.can_execute(now):
-                    if self.rate.can_execute(now) or self._overflow == "block":
-                        sample = self._queue.popleft()
+                    sample = self._queue.popleft()
+                    self._cond.notify_all()  # a blocked source may offer again
+                    reason = self._shed_reason(sample, now)
+                    if reason is None:
                         for gate in self._gates:
                             gate.beginning_execution(sample, now)
                         return sample
-                    # Between rate slots a sample is useless work: skip it rather than
-                    # hold it, so the sample processed at the next slot is a fresh one.
-                    drops = [(sample, "rate") for sample in self._queue]
-                    self.dropped += len(drops)
-                    self._queue.clear()
+                    shed.append((sample, reason))
+                    self.shed += 1
                 else:
                     self._cond.wait()
-            self._publish_drops(drops)
+            self._publish_unprocessed(shed)
 
     def _send_loop(self) -> None:
         assert self._conn is not None

@@ -11,7 +11,6 @@ is what a live driver would stamp.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import logging
 import math
 import threading
@@ -266,7 +265,8 @@ def build_sources(scenario: Any, data_dir: Path) -> Sources:
 
 
 class ScenarioPlayer:
-    """Fires every source's ticks at their times from one thread."""
+    """Fires each source's ticks at their times, one thread per source: a task applying
+    back-pressure (``overflow: block``) holds up its own source, never another one."""
 
     def __init__(
         self,
@@ -283,30 +283,41 @@ class ScenarioPlayer:
         self._emit = emit
         self._clock = clock
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.fired = 0
-        self.late_ms_max = 0.0
-        # Merge lazily-built, already-sorted timelines; ties keep source order.
-        self._ticks: list[Tick] = list(
-            heapq.merge(*(s.timeline(duration_s) for s in sources), key=lambda t: t.offset_s)
-        )
-        self.counts: dict[str, int] = {}
-        for tick in self._ticks:
-            self.counts[tick.source] = self.counts.get(tick.source, 0) + 1
+        self._threads: list[threading.Thread] = []
+        self._timelines = {s.name: list(s.timeline(duration_s)) for s in sources}
+        self.counts: dict[str, int] = {name: len(t) for name, t in self._timelines.items()}
+        self._fired: dict[str, int] = dict.fromkeys(self._timelines, 0)
+        self._late_ms: dict[str, float] = dict.fromkeys(self._timelines, 0.0)
+
+    @property
+    def fired(self) -> int:
+        return sum(self._fired.values())
+
+    @property
+    def late_ms_max(self) -> float:
+        """How late the latest-fired tick was (back-pressure or a busy machine)."""
+        return max(self._late_ms.values(), default=0.0)
 
     def start(self, t0: float) -> None:
-        self._thread = threading.Thread(target=self._run, args=(t0,), name="player", daemon=True)
-        self._thread.start()
-
-    def _run(self, t0: float) -> None:
-        if not self._ticks:
+        if not self._timelines:
             # Live sources only: the scenario is a duration to run for (forever in a loop).
-            self._stop.wait(None if self.loop else self.duration_s)
-            return
+            self._threads.append(threading.Thread(target=self._wait_out, name="player"))
+        for name, ticks in self._timelines.items():
+            self._threads.append(
+                threading.Thread(target=self._play, args=(name, ticks, t0), name=f"play:{name}")
+            )
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
+
+    def _wait_out(self) -> None:
+        self._stop.wait(None if self.loop else self.duration_s)
+
+    def _play(self, source: str, ticks: Sequence[Tick], t0: float) -> None:
         # Sample ids keep counting across loops: every sample of a run has its own id.
-        next_id: dict[str, int] = {}
+        sid = 0
         while True:
-            for tick in self._ticks:
+            for tick in ticks:
                 due = t0 + tick.offset_s
                 while (wait := due - self._clock()) > 0:
                     if self._stop.wait(min(wait, 0.05)):
@@ -314,11 +325,10 @@ class ScenarioPlayer:
                 if self._stop.is_set():
                     return
                 now = self._clock()
-                self.late_ms_max = max(self.late_ms_max, (now - due) * 1000.0)
-                sid = next_id.get(tick.source, 0)
-                next_id[tick.source] = sid + 1
-                self._emit(tick.source, tick.fire(now, sid))
-                self.fired += 1
+                self._late_ms[source] = max(self._late_ms[source], (now - due) * 1000.0)
+                self._emit(source, tick.fire(now, sid))
+                sid += 1
+                self._fired[source] += 1
             if not self.loop:
                 return
             t0 += self.duration_s
@@ -328,7 +338,7 @@ class ScenarioPlayer:
 
     def join(self, timeout_s: float | None = None) -> bool:
         """Wait for the end of playback; True when it finished (or was stopped)."""
-        if self._thread is None:
-            return True
-        self._thread.join(timeout_s)
-        return not self._thread.is_alive()
+        deadline = None if timeout_s is None else self._clock() + timeout_s
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - self._clock()))
+        return not any(thread.is_alive() for thread in self._threads)
