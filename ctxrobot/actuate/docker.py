@@ -8,6 +8,12 @@ files are writable, and otherwise a :class:`DockerApiController` that does the s
 
 Every container carries the labels of ARCHITECTURE.md ("Container labels"), so a later run
 can find and clean up what a crashed one left behind.
+
+Task containers get least privilege by default (:class:`Security`): the unprivileged task
+user, no network, no capabilities, no privilege gain through setuid files, a read-only root
+filesystem with a small tmpfs at /tmp, a PID limit, and no swap beyond the memory limit. A
+task's manifest may loosen the first four (its ``security:`` section); each loosening is
+logged as a warning when the container is created.
 """
 
 from __future__ import annotations
@@ -86,6 +92,49 @@ class BindMount:
         object.__setattr__(self, "source", Path(self.source).resolve())
 
 
+#: The unprivileged user every task image runs as; the host gives it the task sockets.
+TASK_USER = "10001:10001"
+#: Enough for Python, OpenBLAS/OpenCV threads and docker-init on a 4-core Pi, not a fork bomb.
+DEFAULT_PIDS_LIMIT = 256
+#: The one writable place under a read-only root. tmpfs pages count against the container's
+#: memory limit, so this also bounds what a task can hoard there.
+TMP_MOUNT = {"/tmp": "rw,nosuid,nodev,noexec,size=64m,mode=1777"}
+
+
+@dataclass(frozen=True)
+class Security:
+    """How far a task container is confined. The defaults are least privilege; a task that
+    needs more sets the manifest's ``security:`` section, which the runtime copies here.
+
+    ``cap_add``: capabilities given back (all are dropped); ``read_only_root``: the root
+    filesystem is read-only (/tmp and the mounts stay writable); ``pids_limit``: most
+    processes and threads at once (None: no limit); ``no_new_privileges``: setuid files
+    cannot raise privileges.
+    """
+
+    cap_add: tuple[str, ...] = ()
+    read_only_root: bool = True
+    pids_limit: int | None = DEFAULT_PIDS_LIMIT
+    no_new_privileges: bool = True
+
+    def loosened(self) -> list[str]:
+        """One phrase per setting that differs from the default, for the warning."""
+        default = Security()
+        said = []
+        if self.cap_add:
+            said.append(f"capabilities {', '.join(self.cap_add)} added back")
+        if self.read_only_root != default.read_only_root:
+            said.append("a writable root filesystem")
+        if self.pids_limit != default.pids_limit:
+            limit = (
+                "no PID limit" if self.pids_limit is None else f"a PID limit of {self.pids_limit}"
+            )
+            said.append(f"{limit} instead of {default.pids_limit}")
+        if self.no_new_privileges != default.no_new_privileges:
+            said.append("setuid privilege gain allowed (no-new-privileges off)")
+        return said
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     """What to run for one task. ``task`` and ``run_id`` become the ctxrobot labels."""
@@ -102,10 +151,12 @@ class ContainerSpec:
     memory_bytes: int | None = None
     cgroup_parent: str | None = None
     cpuset_cpus: str | None = None
-    user: str | None = None
+    # None: the image's own user.
+    user: str | None = TASK_USER
     working_dir: str | None = None
     # Tasks talk to the host over a bind-mounted Unix socket; they need no network.
     network_mode: str = "none"
+    security: Security = Security()
     # A real PID 1 (docker-init) forwards SIGTERM, so stop() does not wait out its timeout
     # on a Python process that ignores signals as PID 1.
     init: bool = True
@@ -226,6 +277,13 @@ class DockerBackend:
             Mount(target=m.target, source=str(m.source), type="bind", read_only=m.read_only)
             for m in spec.mounts
         ]
+        for loosened in spec.security.loosened():
+            log.warning(
+                "task %s runs with %s: its manifest's security section says so",
+                spec.task,
+                loosened,
+            )
+        security = spec.security
         try:
             container = self.client.containers.create(
                 spec.image,
@@ -235,12 +293,21 @@ class DockerBackend:
                 labels=labels,
                 mounts=mounts,
                 mem_limit=spec.memory_bytes,
+                # Memory plus swap equal to memory: no swap, so a task over its limit is
+                # stopped instead of thrashing the SD card.
+                memswap_limit=spec.memory_bytes,
                 cgroup_parent=spec.cgroup_parent,
                 cpuset_cpus=spec.cpuset_cpus,
                 user=spec.user,
                 working_dir=spec.working_dir,
                 network_mode=spec.network_mode,
                 init=spec.init,
+                cap_drop=["ALL"],
+                cap_add=list(security.cap_add) or None,
+                security_opt=["no-new-privileges:true"] if security.no_new_privileges else None,
+                read_only=security.read_only_root,
+                tmpfs=TMP_MOUNT,
+                pids_limit=security.pids_limit,
                 detach=True,
             )
         except docker.errors.ImageNotFound as err:
