@@ -308,9 +308,10 @@ def test_critical_work_outlives_its_rule() -> None:
     changes = [(round(t, 3), a.reason, a.allocation["slam"].share_cap) for t, a in rig.writes()]
     # Voice on at 0.5, off at 1.3 (hangover; the chunk sensed at that very moment still
     # counts), but speech stays critical until its result for that chunk arrives at 3.3 s.
+    # Meanwhile it has work waiting, so slam is held at its minimum.
     assert changes == [
         (0.0, "start", None),
-        (0.5, "context", pytest.approx(0.4, abs=1e-3)),
+        (0.5, "context", 0.1),
         (3.3, "work-done", None),
     ]
     assert rig.rules() == [(0.5, "voice", True), (1.3, "voice", False)]
@@ -355,13 +356,17 @@ def test_build_core_runs_the_default_robot_from_microphone_to_allocation() -> No
         rig.at(t + 0.3, TaskResult("speech", i, t, t + 0.2, t + 0.3, {}))
     rig.run(10.0)
     writes = [a for _, a in rig.writes()]
-    assert [a.reason for a in writes] == ["start", "context", "rule-expiry"]
-    voice = writes[1]  # voice_active → speech critical with share 0.6
+    assert [a.reason for a in writes] == ["start", "context", "work-done", "rule-expiry"]
+    voice = writes[1]  # voice_active → speech critical, with audio waiting to be decoded
     assert voice.trigger_t == 0.5 and not voice.allocation["speech"].frozen
-    others = voice.allocation["slam"].share_cap + voice.allocation["signs"].share_cap
-    assert others == pytest.approx(0.4, abs=1e-3)
+    caps = {t: voice.allocation[t].share_cap for t in ("slam", "signs")}
+    assert caps == {"slam": 0.15, "signs": 0.1}, "the others at their minimums"
+    # Caught up at 2.2 s: the others share what speech's 0.6 guarantee leaves.
+    caught_up = writes[2]
+    assert caught_up.trigger_t == pytest.approx(2.2)
+    assert caught_up.allocation["slam"].share_cap == pytest.approx(0.2, abs=1e-3)
     # Voice ends 0.3 s after the chunk (hangover); the rule holds it 2 s more.
-    released = writes[2]
+    released = writes[3]
     assert released.trigger_t == pytest.approx(2.8, abs=2e-3)
     assert released.allocation["slam"].share_cap is None
     assert released.allocation["signs"].share_cap is None

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from ctxrobot.actuate.actuator import TaskAllocation
+from ctxrobot.model.allocation import TaskAllocation
 from ctxrobot.sched.policy import (
     CfsPolicy,
     CtxPolicy,
@@ -296,3 +296,56 @@ def test_make_policy_by_name() -> None:
     assert isinstance(make_policy("ctx"), CtxPolicy)
     with pytest.raises(ValueError, match="unknown policy 'fifo'"):
         make_policy("fifo")
+
+
+def test_ctx_a_critical_task_with_work_waiting_takes_all_above_the_others_minimums() -> None:
+    tasks = states(
+        task("speech", directive=CRITICAL, backlog_since=1.0),
+        task("signs", cpu_min=0.1),
+        task("slam", cpu_min=0.15),
+    )
+    got = CtxPolicy().allocate({}, tasks, 2.0)
+    assert got["speech"].share_cap is None  # the others' caps leave it the rest: 0.75
+    assert (got["signs"].share_cap, got["slam"].share_cap) == (0.1, 0.15)
+    # Caught up: the others share what its 0.6 guarantee leaves.
+    caught_up = {**tasks, "speech": replace(tasks["speech"], backlog_since=None)}
+    idle = CtxPolicy().allocate({}, caught_up, 2.0)
+    assert idle["signs"].share_cap + idle["slam"].share_cap == pytest.approx(0.4, abs=1e-3)
+
+
+def test_ctx_several_waiting_critical_tasks_are_split_by_caps_not_weights() -> None:
+    tasks = states(
+        task("speech", directive=TaskDirective(critical=True, share=0.6), backlog_since=1.0),
+        task("slam", directive=TaskDirective(critical=True, share=0.3), backlog_since=1.5),
+        task("signs", cpu_min=0.1),
+    )
+    got = CtxPolicy().allocate({}, tasks, 2.0)
+    # 0.9 above signs' minimum, split 2:1 and enforced as quotas.
+    assert got["speech"].share_cap == pytest.approx(0.6, abs=1e-3)
+    assert got["slam"].share_cap == pytest.approx(0.3, abs=1e-3)
+    assert got["signs"].share_cap == 0.1
+    # Only one of them waiting: it may use the other's part too; the other keeps its own.
+    slam_idle = {**tasks, "slam": replace(tasks["slam"], backlog_since=None)}
+    got = CtxPolicy().allocate({}, slam_idle, 2.0)
+    assert got["speech"].share_cap is None and got["slam"].share_cap == pytest.approx(0.3)
+
+
+def test_ctx_never_freezes_a_task_whose_results_make_a_context_signal() -> None:
+    greedy = TaskDirective(critical=True, share=0.95)
+    tasks = states(
+        task("speech", directive=greedy),
+        task("signs", cpu_min=0.1, feeds_context=True),
+        task("slam", cpu_min=0.1),
+    )
+    got = CtxPolicy().allocate({}, tasks, 0.0)
+    assert not got["signs"].frozen and got["slam"].frozen
+    assert got["signs"].share_cap == 0.1
+
+
+def test_ctx_without_contention_waiting_work_caps_nobody() -> None:
+    tasks = states(
+        task("speech", directive=CRITICAL, backlog_since=1.0, demand=0.2),
+        task("signs", cpu_min=0.1, demand=0.1),
+    )
+    got = CtxPolicy(contended_above=0.5).allocate({}, tasks, 2.0)
+    assert got["signs"].share_cap is None and got["speech"].share_cap is None

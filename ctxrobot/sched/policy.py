@@ -69,7 +69,9 @@ class TaskState:
     ``results``/``misses``/``worst_slack`` summarise the deadline-feedback window
     (``worst_slack`` = min over results of ``1 − latency/deadline``, negative on a miss);
     ``frozen_since``/``thawed_at`` are when the task's current freeze began and when its
-    last freeze ended (None if it never was).
+    last freeze ended (None if it never was); ``backlog_since`` is when the oldest sample it
+    has not yet finished with was sensed (None: it has caught up); ``feeds_context``: its
+    results make a context signal (the sign detector's ``sign_ahead``).
     """
 
     name: str
@@ -85,6 +87,8 @@ class TaskState:
     worst_slack: float | None = None
     frozen_since: float | None = None
     thawed_at: float | None = None
+    backlog_since: float | None = None
+    feeds_context: bool = False
 
     @property
     def ceiling(self) -> float:
@@ -240,27 +244,31 @@ class CtxPolicy:
     """Context-aware, event-driven allocation (ours).
 
     With no critical task, every task runs under its context weight and its cap. When the
-    active rules make tasks critical:
+    active rules (or unfinished critical work, see ``ctxrobot.sched.state``) make tasks
+    critical:
 
     1. each critical task's **guarantee** is its rule ``share`` (at least ``cpu_min``, at most
        its cap), plus ``miss_boost`` if it missed a deadline in the feedback window or minus
        ``slack_release`` if it had ample slack;
-    2. the other tasks share the rest of the machine: each is **capped** (CFS quota) at a
-       weighted fair part of it, between its ``cpu_min`` and its cap, so the guarantee holds
-       however hard they spin; the critical tasks also get weights matching their guarantee,
-       so they win contention from anything we do not cap;
-    3. when even the others' minimums do not fit (**short**), the least important are
-       **frozen**, lowest weight first, until the rest fit at ``cpu_min`` or more;
-    4. **starvation guard**: no running task is ever below its ``cpu_min``; a task frozen for
+    2. a critical task with **work waiting** (``backlog_since``) on a contended machine takes
+       **everything above the others' minimums**: the others are capped (CFS quota) at their
+       ``cpu_min``. Several backlogged critical tasks split that budget in proportion to their
+       guarantees, each capped at its part: a hard split, because weights only act between
+       tasks that meet on one CPU, and an envelope's quota is shared by every CPU;
+    3. without waiting work, the others share what the guarantees leave: each is capped at a
+       weighted fair part of it (water-filling between its ``cpu_min`` and its cap); the
+       critical tasks also get weights matching their guarantee;
+    4. when even the others' minimums do not fit (**short**), the least important are
+       **frozen**, lowest weight first — never a task whose results make a context signal:
+       frozen, it could not report the very change that should end its freeze;
+    5. **starvation guard**: no running task is ever below its ``cpu_min``; a task frozen for
        ``max_freeze_s`` gets a ``thaw_s`` window at ``cpu_min`` before it may be frozen
        again; if its minimum then does not fit beside the guarantees, the guarantees shrink
        (never below their own ``cpu_min``) for that window;
-    5. ``rate_hz`` from the rules is passed through to every task;
-    6. **work conservation**: while every task's measured demand is known and together they
-       use at most ``contended_above`` of the machine, nobody is short of CPU, so steps 2-3
-       are skipped: the weights still favour the critical tasks at any momentary contention,
-       but no cap or freeze holds a task back while cores idle (its samples would only
-       queue; ``ctxrobot bench`` measured that as a 100× p99 for the frozen task).
+    6. ``rate_hz`` from the rules is passed through to every task;
+    7. **work conservation**: while every task's measured demand is known and together they
+       use at most ``contended_above`` of the machine, nobody is short of CPU, so no cap or
+       freeze holds a task back while cores idle; the weights still favour the critical tasks.
     """
 
     name = "ctx"
@@ -298,6 +306,8 @@ class CtxPolicy:
         return min(task.ceiling, max(task.cpu_min, base + step))
 
     def _freezable(self, task: TaskState, now: float) -> bool:
+        if task.feeds_context:
+            return False
         # Compared as `now < start + limit`, the very sum wake_at returns: with
         # `now - start < limit` float rounding could keep a task frozen at its wake-up time.
         if task.frozen_since is not None:
@@ -319,11 +329,57 @@ class CtxPolicy:
                 )
                 for t in others
             }
-
-        guarantees = _fit({t.name: (t.cpu_min, self.guarantee(t)) for t in critical}, 1.0)
         contended = self.contended(tasks.values())
-        # Freeze the least important first; among equals, the one with the larger minimum
-        # (frees the most budget per freeze), then the bigger measured consumer.
+        guarantees = _fit({t.name: (t.cpu_min, self.guarantee(t)) for t in critical}, 1.0)
+        frozen = self._to_freeze(others, guarantees, contended, now)
+        running = [t for t in others if t.name not in frozen]
+        needed = sum(t.cpu_min for t in running)
+        # Tasks the guard keeps running must fit: shrink the guarantees if they don't.
+        guarantees = _fit({t.name: (t.cpu_min, guarantees[t.name]) for t in critical}, 1.0 - needed)
+        waiting = [t for t in critical if t.backlog_since is not None]
+        if contended and waiting:
+            parts, shares = _favour_waiting(critical, waiting, guarantees, running)
+        else:
+            parts = {t.name: _cap(t.ceiling) for t in critical}
+            budget = 1.0 - sum(guarantees.values())
+            shares = (
+                _water_fill(
+                    budget, [(t.name, t.cpu_min, t.ceiling, t.context_weight) for t in running]
+                )
+                if contended
+                else {t.name: t.ceiling for t in running}
+            )
+        budget = 1.0 - sum(guarantees.values())
+        others_weight = sum(t.context_weight for t in running)
+        allocation = {
+            t.name: TaskAllocation(
+                weight=_critical_weight(t, guarantees[t.name], budget, others_weight),
+                share_cap=parts[t.name],
+                rate_hz=t.directive.rate_hz,
+            )
+            for t in critical
+        }
+        for t in others:
+            is_frozen = t.name in frozen
+            allocation[t.name] = TaskAllocation(
+                weight=t.context_weight,
+                share_cap=_cap(t.cpu_min if is_frozen else shares[t.name]),
+                frozen=is_frozen,
+                rate_hz=t.directive.rate_hz,
+            )
+        return allocation
+
+    def _to_freeze(
+        self,
+        others: Iterable[TaskState],
+        guarantees: Mapping[str, float],
+        contended: bool,
+        now: float,
+    ) -> set[str]:
+        """The least important others to freeze so that the rest fit at their minimums."""
+        others = list(others)
+        # Least important first; among equals, the one with the larger minimum (frees the
+        # most budget per freeze), then the bigger measured consumer.
         candidates = sorted(
             (t for t in others if contended and self._freezable(t, now)),
             key=lambda t: (t.context_weight, -t.cpu_min, -(t.demand or 0.0), t.name),
@@ -335,34 +391,7 @@ class CtxPolicy:
                 break
             frozen.add(t.name)
             needed -= t.cpu_min
-        running = [t for t in others if t.name not in frozen]
-        # Tasks the guard keeps running must fit: shrink the guarantees if they don't.
-        guarantees = _fit({t.name: (t.cpu_min, guarantees[t.name]) for t in critical}, 1.0 - needed)
-        budget = 1.0 - sum(guarantees.values())
-        if contended:
-            shares = _water_fill(
-                budget, [(t.name, t.cpu_min, t.ceiling, t.context_weight) for t in running]
-            )
-        else:
-            shares = {t.name: t.ceiling for t in running}
-
-        allocation: dict[str, TaskAllocation] = {}
-        others_weight = sum(t.context_weight for t in running)
-        for t in critical:
-            allocation[t.name] = TaskAllocation(
-                weight=_critical_weight(t, guarantees[t.name], budget, others_weight),
-                share_cap=_cap(t.ceiling),
-                rate_hz=t.directive.rate_hz,
-            )
-        for t in others:
-            is_frozen = t.name in frozen
-            allocation[t.name] = TaskAllocation(
-                weight=t.context_weight,
-                share_cap=_cap(t.cpu_min if is_frozen else shares[t.name]),
-                frozen=is_frozen,
-                rate_hz=t.directive.rate_hz,
-            )
-        return allocation
+        return frozen
 
     def wake_at(self, tasks: Mapping[str, TaskState], now: float) -> float | None:
         times: list[float] = []
@@ -376,6 +405,35 @@ class CtxPolicy:
 
     def decided_at(self, now: float) -> float:
         return now
+
+
+def _favour_waiting(
+    critical: Iterable[TaskState],
+    waiting: Iterable[TaskState],
+    guarantees: Mapping[str, float],
+    running: Iterable[TaskState],
+) -> tuple[dict[str, float | None], dict[str, float]]:
+    """Critical tasks with work waiting take all but the others' minimums.
+
+    Returns each critical task's cap (None: none) and each running other's share. One
+    waiting task needs no cap of its own: the others' caps leave it the rest. Several are
+    capped at their parts of that rest, in proportion to their guarantees; a critical task
+    with nothing waiting keeps its guarantee as a cap until it has work again.
+    """
+    waiting_names = {t.name for t in waiting}
+    shares = {t.name: t.cpu_min for t in running}
+    idle = {t.name: guarantees[t.name] for t in critical if t.name not in waiting_names}
+    rest = 1.0 - sum(shares.values()) - sum(idle.values())
+    wanted = {t.name: guarantees[t.name] for t in waiting}
+    total = sum(wanted.values())
+    parts: dict[str, float | None] = {name: _cap(share) for name, share in idle.items()}
+    for t in waiting:
+        parts[t.name] = (
+            _cap(t.ceiling)
+            if len(wanted) == 1
+            else _cap(min(t.ceiling, max(t.cpu_min, rest * wanted[t.name] / total)))
+        )
+    return parts, shares
 
 
 def _fit(bounds: Mapping[str, tuple[float, float]], budget: float) -> dict[str, float]:

@@ -65,7 +65,7 @@ from ctxrobot.model.events import (
 )
 from ctxrobot.sched.policy import Policy, TaskState, feedback_direction
 from ctxrobot.sched.rules import RuleBook, RuleSpec, TaskDirective
-from ctxrobot.sched.signals import Context, SignalMachine
+from ctxrobot.sched.signals import Context, Sign, SignalMachine
 
 __all__ = [
     "TRANSITIONS",
@@ -101,6 +101,13 @@ class ReloadRules:
     """Swap the rule book; tasks and containers are untouched."""
 
     rules: Sequence[RuleSpec]
+
+
+#: Events that stand for one sample each of the source they name.
+_SAMPLE_SUMMARIES = (Odometry, LaserScan, AudioLevel, CameraFrame)
+#: Unfinished samples remembered per task (a full queue holds the source back; this is only
+#: a bound for a source whose task has stopped answering).
+UNFINISHED_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +155,12 @@ class SchedulerState:
         for t in tasks:
             if t.input is not None:
                 self._readers.setdefault(t.input, []).append(t.name)
+        # When each sample a task has not finished with was sensed, oldest first. Bounded:
+        # a source held back by a full queue cannot grow it without limit.
+        self._unfinished: dict[str, deque[float]] = {
+            n: deque(maxlen=UNFINISHED_MAX) for n in self.tasks
+        }
+        self._feeders = {m.task for m in signals if isinstance(m, Sign)}
         self.running: set[str] = set(self.tasks)
         self.applied: dict[str, TaskAllocation] = {}
         self._directives: dict[str, TaskDirective] = {}
@@ -195,12 +208,19 @@ class SchedulerState:
     def _on_sensor(self, event: Any, now: float) -> tuple[float, str] | None:
         # The context first: the reading that makes a task critical is critical work too.
         decision = self._context_changed(self.context.on_event(event))
-        source = getattr(event, "source", None)
-        for task in self._readers.get(source, ()) if source is not None else ():
+        if not isinstance(event, _SAMPLE_SUMMARIES):
+            return decision
+        for task in self._readers.get(event.source, ()):
             directive = self._directives.get(task)
             if directive is not None and directive.critical:
                 self._critical_until[task] = max(self._critical_until.get(task, event.t), event.t)
                 self._critical_directive[task] = directive
+            unfinished = self._unfinished[task]
+            # Several summaries of one reading (odometry and scan) are one sample.
+            if not unfinished or unfinished[-1] != event.t:
+                unfinished.append(event.t)
+                if len(unfinished) == 1 and self._is_critical(task):
+                    decision = decision or (event.t, "backlog")
         return decision
 
     def _on_result(self, event: TaskResult, now: float) -> tuple[float, str] | None:
@@ -234,6 +254,7 @@ class SchedulerState:
         self.applied.pop(event.task, None)
         self.tasks[event.task] = replace(task, frozen_since=None)
         self._critical_until.pop(event.task, None)
+        self._unfinished[event.task].clear()
         return event.t, f"task-{event.state}"
 
     def _on_usage(self, event: UsageSampled, now: float) -> tuple[float, str] | None:
@@ -314,16 +335,27 @@ class SchedulerState:
         self.tasks[event.task] = updated
         return feedback_direction(updated) != feedback_direction(task)
 
+    def _is_critical(self, task: str) -> bool:
+        return self._effective_directive(task).critical
+
     def _work_done(self, task: str, t_sensor: float) -> bool:
-        """Record that ``task`` finished with a sample; True when that ends its critical
-        work (every sample sensed while it was critical is now processed or dropped)."""
+        """Record that ``task`` finished with a sample; True when that changes what it is
+        owed: its critical work is over (every sample sensed while it was critical is
+        processed or dropped), or a critical task has caught up with its input."""
+        unfinished = self._unfinished.get(task)
+        if unfinished is None:
+            return False
+        waiting = bool(unfinished)
+        while unfinished and unfinished[0] <= t_sensor:
+            unfinished.popleft()
+        caught_up = waiting and not unfinished and self._is_critical(task)
         self._done_until[task] = max(self._done_until.get(task, t_sensor), t_sensor)
         until = self._critical_until.get(task)
         if until is None or self._done_until[task] < until:
-            return False
+            return caught_up
         del self._critical_until[task]
         directive = self._directives.get(task)
-        return directive is None or not directive.critical
+        return caught_up or directive is None or not directive.critical
 
     def _effective_directive(self, task: str) -> TaskDirective:
         """The rules' directive, or the critical one the task's unfinished work still has."""
@@ -336,7 +368,12 @@ class SchedulerState:
     def _views(self) -> dict[str, TaskState]:
         """What the policy allocates among: the running tasks, directives applied."""
         return {
-            name: replace(t, directive=self._effective_directive(name))
+            name: replace(
+                t,
+                directive=self._effective_directive(name),
+                backlog_since=self._unfinished[name][0] if self._unfinished[name] else None,
+                feeds_context=name in self._feeders,
+            )
             for name, t in self.tasks.items()
             if name in self.running
         }
