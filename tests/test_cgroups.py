@@ -382,7 +382,8 @@ def test_parent_v1_limits(v1_root: Path) -> None:
     assert (v1_root / "sys/fs/cgroup/cpu/ctxrobot/cpu.shares").read_text() == "10240"
     parent.set_cpus(1.5)
     base = v1_root / "sys/fs/cgroup"
-    assert (base / "cpu/ctxrobot/cpu.cfs_quota_us").read_text() == "150000"
+    assert (base / "cpu/ctxrobot/cpu.cfs_quota_us").read_text() == "15000"
+    assert (base / "cpu/ctxrobot/cpu.cfs_period_us").read_text() == "10000", "a 10 ms period"
     parent.set_cpus(None)
     assert (base / "cpu/ctxrobot/cpu.cfs_quota_us").read_text() == "-1"
     parent.set_memory(512 << 20)
@@ -402,7 +403,7 @@ def test_parent_v2_delegates_controllers_and_limits(v2_root: Path) -> None:
     parent.set_weight(1000)
     assert (top / "ctxrobot/cpu.weight").read_text() == "1000"
     parent.set_cpus(2)
-    assert (top / "ctxrobot/cpu.max").read_text() == "200000 100000"
+    assert (top / "ctxrobot/cpu.max").read_text() == "20000 10000", "2 CPUs per 10 ms"
     parent.set_memory(1 << 30)
     assert (top / "ctxrobot/memory.max").read_text() == str(1 << 30)
     parent.set_memory(None)

@@ -39,6 +39,8 @@ V1_SHARES_MIN, V1_SHARES_MAX = 2, 262144
 # The kernel refuses CFS quotas below 1 ms per period (EINVAL).
 MIN_QUOTA_US = 1000
 DEFAULT_PERIOD_US = 100_000
+#: The period of an envelope's quota (`--cpus`): see ParentCgroup.set_cpus.
+ENVELOPE_PERIOD_US = 10_000
 # The v1 hierarchies a container controller needs; ``cpu`` and ``cpuacct`` may be one
 # hierarchy ("cpu,cpuacct") or two separate mounts, as on some hosts.
 V1_SUBSYSTEMS = ("cpu", "cpuacct", "cpuset", "freezer")
@@ -470,23 +472,27 @@ class ParentCgroup:
         path.mkdir(exist_ok=True)
         write_file(path / "cgroup.subtree_control", enable)
 
-    def set_cpus(self, cpus: float | None) -> None:
-        """Limit all children together to ``cpus`` CPUs worth of time (None: no limit).
+    def set_cpus(self, cpus: float | None, period_us: int = ENVELOPE_PERIOD_US) -> None:
+        """Limit all children together to ``cpus`` CPUs worth of time (None: no limit),
+        granted per ``period_us``.
 
+        Once a period's quota is spent everything inside stalls until the next period; a
+        slower CPU never stalls. A short period keeps the stalls short, so the envelope
+        behaves like a slower machine rather than a stuttering fast one.
         v1 refuses (EINVAL) to go below a child's own quota; lift those caps first.
         """
         if cpus is not None and cpus <= 0:
             raise ValueError(f"cpus must be > 0, got {cpus}")
+        quota = None if cpus is None else max(MIN_QUOTA_US, round(cpus * period_us))
         if self.version == 2:
-            path = self.path() / "cpu.max"
-            period = int(read_file(path).split()[1])
-            quota = "max" if cpus is None else str(max(MIN_QUOTA_US, round(cpus * period)))
-            write_file(path, f"{quota} {period}")
+            write_file(self.path() / "cpu.max", f"{quota or 'max'} {period_us}")
             return
         cpu = self.path("cpu")
-        period = int(read_file(cpu / "cpu.cfs_period_us"))
-        quota = "-1" if cpus is None else str(max(MIN_QUOTA_US, round(cpus * period)))
-        write_file(cpu / "cpu.cfs_quota_us", quota)
+        # Lift the quota before changing the period: the kernel checks each write against
+        # the other value and the children's limits.
+        write_file(cpu / "cpu.cfs_quota_us", "-1")
+        write_file(cpu / "cpu.cfs_period_us", str(period_us))
+        write_file(cpu / "cpu.cfs_quota_us", "-1" if quota is None else str(quota))
 
     def set_weight(self, weight: int) -> None:
         """Weight of all our containers together against everything else on the host.
