@@ -79,7 +79,7 @@ class _StopOnSignal:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ctxrobot.observe.store import print_summary
+    from ctxrobot.observe.readers import print_summary
     from ctxrobot.service.runtime import RunFailed, RunOptions, Runtime, run_folder
 
     manifest = _load_manifest_or_report(Path(args.config), args.scenario)
@@ -135,20 +135,17 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     if _load_manifest_or_report(config) is None:
         return EXIT_USAGE
     out = run_folder(args.out)
-    try:
-        daemon = Daemon(
-            DaemonOptions(
-                config=config,
-                socket=Path(args.socket),
-                out_dir=out,
-                group=args.group,
-                policy=args.policy,
-                metrics_port=args.metrics_port,
-            )
+    daemon = Daemon(
+        DaemonOptions(
+            config=config,
+            socket=Path(args.socket),
+            out_dir=out,
+            read_group=args.read_group,
+            operator_group=args.operator_group,
+            policy=args.policy,
+            metrics_port=args.metrics_port,
         )
-    except KeyError as err:
-        print(f"ctxrobot daemon: unknown group {err}; create it or pass --group", file=sys.stderr)
-        return EXIT_USAGE
+    )
     with _StopOnSignal(daemon.request_stop):
         try:
             return daemon.serve()
@@ -166,7 +163,8 @@ def _parse_value(text: str) -> object:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    from ctxrobot.service.control import ControlClient, ControlError
+    """A refusal or an unusable peer is a ControlError: one line, exit 2 (main's handler)."""
+    from ctxrobot.service.control import ControlClient
 
     params: dict[str, Any] = {}
     cmd = args.action
@@ -181,26 +179,18 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         cmd, params["clear"] = "override", True
     elif cmd in ("stop", "start", "restart"):
         cmd, params = "task", {"action": args.action, "name": args.task}
-    try:
-        with ControlClient(Path(args.socket)) as client:
-            result = client.call(cmd, **params)
-    except ControlError as err:
-        print(f"ctxrobot ctl: {err}", file=sys.stderr)
-        return EXIT_FAILED
+    with ControlClient(Path(args.socket)) as client:
+        result = client.call(cmd, **params)
     print(json.dumps(result, indent=None if args.json else 2))
     return EXIT_OK
 
 
 def cmd_dash(args: argparse.Namespace) -> int:
     from ctxrobot.observe.dash import run_dash, snapshot_text
-    from ctxrobot.service.control import ControlClient, ControlError
+    from ctxrobot.service.control import ControlClient
 
     client = ControlClient(Path(args.socket))
-    try:
-        status = client.call("status")
-    except ControlError as err:
-        print(f"ctxrobot dash: {err}", file=sys.stderr)
-        return EXIT_FAILED
+    status = client.call("status")  # a ControlError is one line and exit 2
     if args.json:
         print(json.dumps(status))
     elif args.once:
@@ -383,14 +373,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the robot as a service with a control API (see config/systemd/)",
         description="Run the manifest until stopped (the scenario replays in a loop), restart "
         "crashed tasks with back-off, and serve a control API on a Unix socket (mode 0660, "
-        "owned by --group). SIGTERM/SIGINT: stop tasks, flush the run database, exit 0.",
+        "owned by --read-group): readers may ask for status, context and ps; operators may "
+        "also override, reload, start/stop tasks and shut down. SIGTERM/SIGINT: stop tasks, "
+        "flush the run database, exit 0.",
     )
     _add_robot_options(p)
     p.add_argument("--socket", default=str(default_socket()), metavar="PATH", help=socket_help)
     p.add_argument(
-        "--group",
+        "--read-group",
         metavar="GROUP",
-        help="group that may use the control socket (default: the daemon's own group)",
+        help="group that may read status, context and ps (default: the daemon's own group); "
+        "operators must be members too, the socket belongs to it",
+    )
+    p.add_argument(
+        "--operator-group",
+        metavar="GROUP",
+        help="group that may also override, reload, start/stop tasks and shut down "
+        "(default: only root and the daemon's own user)",
     )
     p.add_argument(
         "--log-format",
@@ -496,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ctxrobot.data.fetch import add_data_parser
 
     add_data_parser(sub)
+    from ctxrobot.streams.record import add_record_parser
+
+    add_record_parser(sub)
 
     from ctxrobot.bench.bench import add_bench_parser
 

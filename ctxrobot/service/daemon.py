@@ -22,7 +22,8 @@ from ctxrobot.observe.status import StatusBoard
 from ctxrobot.sched.rules import critical_rules
 from ctxrobot.sched.signals import check_override
 from ctxrobot.sched.state import OverrideSignals, ReloadRules
-from ctxrobot.service.control import ControlError, ControlServer
+from ctxrobot.service.control import ControlError
+from ctxrobot.service.control_server import ControlServer
 from ctxrobot.service.listing import container_rows
 from ctxrobot.service.loop import DecisionLoop
 from ctxrobot.service.runtime import RunFailed, RunOptions, Runtime
@@ -37,7 +38,8 @@ class DaemonOptions:
     config: Path
     socket: Path
     out_dir: Path
-    group: str | None = None
+    read_group: str | None = None
+    operator_group: str | None = None
     policy: str | None = None
     metrics_port: int | None = None
 
@@ -105,7 +107,8 @@ class Daemon:
                 "task": self._task,
                 "shutdown": self._shutdown,
             },
-            group=options.group,
+            read_group=options.read_group,
+            operator_group=options.operator_group,
         )
         self._stop = threading.Event()
         self._restarts = {t.name: _Restarts() for t in self.runtime.tasks}

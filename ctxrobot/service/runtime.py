@@ -22,7 +22,7 @@ from typing import Any
 
 from ctxrobot.actuate.actuator import Actuator
 from ctxrobot.actuate.cgroups import CgroupError, CpuController, ParentCgroup
-from ctxrobot.actuate.docker import BindMount, ContainerSpec, DockerBackend
+from ctxrobot.actuate.docker import BindMount, ContainerSpec, DockerBackend, Security
 from ctxrobot.manifest.schema import Manifest, TaskSpec
 from ctxrobot.model.allocation import Machine
 from ctxrobot.model.bus import EventBus
@@ -239,6 +239,12 @@ class Runtime:
                 mounts=tuple(mounts),
                 memory_bytes=spec.resources.memory,
                 cgroup_parent=self._cgroup_parent,
+                security=Security(
+                    cap_add=tuple(spec.security.cap_add),
+                    read_only_root=spec.security.read_only_root,
+                    pids_limit=spec.security.pids_limit,
+                    no_new_privileges=spec.security.no_new_privileges,
+                ),
             )
         )
         self.container_names[spec.name] = name
