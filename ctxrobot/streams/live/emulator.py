@@ -5,8 +5,11 @@ emulator opens a pseudo-terminal pair, points ``--link`` at its serial end (a sy
 udev rule names a real lidar), answers the protocol's requests (STOP, RESET, SCAN,
 FORCE_SCAN, GET_INFO, GET_HEALTH, SET_MOTOR_PWM) with the real descriptors, and streams one
 revolution of standard-scan measurement nodes per scan of the log, at the log's pace.
-With ``--odometry-udp`` it also sends the log's odometry in the ``x y theta`` line protocol,
-as a robot's base controller would.
+With ``--odometry-udp`` it also sends the robot's odometry in the ``x y theta`` line protocol,
+as a base controller would: with each scan, the pose the laser replay pairs with that scan
+(the log's odometry at the scan's time). Sending the raw odometry rows instead would make
+live and replay differ by the transport's jitter: this log's rows come milliseconds apart
+and jump by centimetres.
 
 The world does not wait for the host: playback starts at the first SCAN request and runs on
 from there in real time, whether or not anyone reads. Bytes nobody reads are dropped, as a
@@ -47,6 +50,9 @@ from ctxrobot.streams.live.rplidar import (
 from ctxtask.datasets.laser import LaserDataset, load_laser_dataset
 
 QUALITY = 47  # what an A1 reports for a good return
+# No RPLidar spins faster than 20 Hz. Some logs have scans a millisecond apart (the Intel
+# log, a recording artefact); such a scan goes out one revolution time after the previous.
+MIN_REVOLUTION_S = 0.05
 MODEL_A1M8 = 0x18
 
 
@@ -98,7 +104,7 @@ class Emulator:
         self.scanning = False
         self.t0: float | None = None  # monotonic time of the first scan of the playback
         self.next_scan = self.first
-        self.next_odom = int(np.searchsorted(dataset.odometry[:, 0], self.t_first))
+        self.last_due = -math.inf
         self.dropped_bytes = 0
         self._requests = bytearray()
 
@@ -110,8 +116,6 @@ class Emulator:
             if self.next_scan >= len(self.dataset.stamps):
                 return
             timeout = 0.05 if self.t0 is None else max(0.0, self._due(self.next_scan) - now)
-            if self.t0 is not None and self.odometry is not None:
-                timeout = min(timeout, max(0.0, self._odom_due() - now))
             readable, _, _ = select.select([self.master], [], [], min(timeout, 0.05))
             if readable:
                 self._serve()
@@ -119,24 +123,18 @@ class Emulator:
 
     def _due(self, scan: int) -> float:
         assert self.t0 is not None
-        return self.t0 + (float(self.dataset.stamps[scan]) - self.t_first) / self.speed
-
-    def _odom_due(self) -> float:
-        assert self.t0 is not None
-        odom = self.dataset.odometry
-        if self.next_odom >= len(odom):
-            return math.inf
-        return self.t0 + (float(odom[self.next_odom, 0]) - self.t_first) / self.speed
+        logged = self.t0 + (float(self.dataset.stamps[scan]) - self.t_first) / self.speed
+        return max(logged, self.last_due + MIN_REVOLUTION_S)
 
     def _play(self, now: float) -> None:
         if self.t0 is None:
             return
-        while self.odometry is not None and self._odom_due() <= now:
-            _, x, y, theta = self.dataset.odometry[self.next_odom, :4]
-            sock, address = self.odometry
-            sock.sendto(f"{x:.6f} {y:.6f} {theta:.6f}\n".encode(), address)
-            self.next_odom += 1
         while self.next_scan < len(self.dataset.stamps) and self._due(self.next_scan) <= now:
+            self.last_due = self._due(self.next_scan)
+            if self.odometry is not None:
+                x, y, theta = self.dataset.odom_at_scans[self.next_scan]
+                sock, address = self.odometry
+                sock.sendto(f"{x:.6f} {y:.6f} {theta:.6f}\n".encode(), address)
             if self.scanning:
                 self._write(self._revolution(self.next_scan))
             self.next_scan += 1

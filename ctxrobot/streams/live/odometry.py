@@ -14,11 +14,11 @@ import collections
 import logging
 import math
 import socket
+import struct
 import threading
 import time
 from typing import Any
 
-import numpy as np
 import serial
 from reactivex.abc import DisposableBase
 
@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 __all__ = ["OdometryFeedReader", "PoseOdometrySource", "Velocity"]
 
 VELOCITY_WINDOW_S = 0.5  # as the replay derives speed from logged poses
-HISTORY = 256  # poses kept for interpolation: ~10 s of a 25 Hz feed
+HISTORY = 64  # readings kept: the newest one before a scan's capture is looked up
+# Linux's SO_TIMESTAMPNS (asm-generic/socket.h), which Python's socket module does not name.
+SO_TIMESTAMPNS = 35
 STALE_S = 1.0  # a feed silent this long no longer says how the robot moves
 POLL_S = 0.2
 
@@ -98,15 +100,18 @@ class OdometryFeedReader:
             return self._history[-1] if self._history else None
 
     def pose_at(self, t: float) -> tuple[list[float], float, float] | None:
-        """``([x, y, theta], v, w)`` at monotonic time ``t`` (interpolated between readings,
-        the newest one past them), or None when the feed is silent or stale."""
+        """``([x, y, theta], v, w)`` of the newest reading that had arrived at monotonic time
+        ``t``, or None when there is none from the last second.
+
+        The newest reading, not one interpolated between readings: a scan's capture stamp
+        and a datagram's arrival stamp each jitter by milliseconds, and this ordering holds
+        where an interpolation would move by the robot's speed times that jitter.
+        """
         with self._lock:
-            if not self._history or t - self._history[-1][0] > STALE_S:
-                return None
-            table = np.array(self._history)
-        stamps = table[:, 0]
-        row = [float(np.interp(t, stamps, table[:, k])) for k in range(1, 6)]
-        x, y, theta, v, w = row
+            newest = next((r for r in reversed(self._history) if r[0] <= t), None)
+        if newest is None or t - newest[0] > STALE_S:
+            return None
+        _, x, y, theta, v, w = newest
         return [x, y, math.remainder(theta, math.tau)], v, w
 
     # -- reading -------------------------------------------------------------------------------
@@ -118,7 +123,7 @@ class OdometryFeedReader:
                     self._read_udp()
                 else:
                     self._read_serial()
-            except (OSError, serial.SerialException) as exc:
+            except (OSError, ValueError, serial.SerialException) as exc:
                 if not warned:
                     log.warning(
                         "source %s: odometry feed on %s failed: %s; retrying every second",
@@ -132,14 +137,17 @@ class OdometryFeedReader:
     def _read_udp(self) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # The kernel stamps each datagram on arrival: a reading's time then does not
+            # depend on when this thread gets the interpreter.
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.bind(self.spec.udp_address)
             sock.settimeout(POLL_S)
             while not self._halt.is_set():
                 try:
-                    data = sock.recv(4096)
+                    data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(16))
                 except TimeoutError:
                     continue
-                t = time.monotonic()
+                t = _arrival(ancillary)
                 for line in data.decode("ascii", "replace").splitlines():
                     self._parse(line, t)
 
@@ -177,6 +185,16 @@ class OdometryFeedReader:
         with self._lock:
             self._history.append((t, x, y, self._velocity.theta_unwrapped, v, w))
             self.readings += 1
+
+
+def _arrival(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """A datagram's kernel arrival stamp (wall clock) on the monotonic clock; now, without."""
+    now = time.monotonic()
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            seconds, nanoseconds = struct.unpack("qq", data[:16])
+            return now - (time.time() - (seconds + nanoseconds * 1e-9))
+    return now
 
 
 class PoseOdometrySource:
