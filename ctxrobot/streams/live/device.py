@@ -168,9 +168,11 @@ class DeviceSource(abc.ABC):
                 if reason is None or self._halted():
                     return
                 self.stats.faults += 1
-                if reason != failing:
+                if failing is None:
                     log.warning("source %s: %s; reopening with back-off", self.name, reason)
-                    failing = reason
+                elif reason != failing:  # the same outage, a new reason: worth a quieter line
+                    log.info("source %s: still failing: %s", self.name, reason)
+                failing = reason
                 self._set_state("failed", reason)
                 delay = self._backoff.next()
                 self._set_state("reopening", f"next attempt in {delay:.1f} s")
