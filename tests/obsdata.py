@@ -1,9 +1,9 @@
 """A synthetic but realistic run, recorded the way the runtime records one.
 
 Every observability test (store, report, trace, metrics) builds its data by publishing
-real events on a real `EventBus`, so the path under test is the production path: queued
-subscribers → row tuples → writer thread → SQLite. The timeline is fixed and seeded, so the
-expected numbers can be computed independently with numpy.
+real events on a real `EventBus`, so the path under test is the production path: the
+observer pipeline's thread → row tuples → writer thread → SQLite. The timeline is fixed
+and seeded, so the expected numbers can be computed independently with numpy.
 
 Timeline (seconds after t0), 20 s long:
 - the robot moves from 2 s to 12 s (`motion` = "moving") → rule `slam-critical-while-moving`
@@ -11,6 +11,7 @@ Timeline (seconds after t0), 20 s long:
 - SLAM runs at 10 Hz, signs at 5 Hz, speech at 2 Hz; latencies are log-normal, SLAM's
   slower while the robot is stopped (it gets less CPU then)
 - every 25th signs sample is dropped (queue overflow)
+- the live camera fails at 5 s, reopens, and is open again at 6 s
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ from ctxrobot.model.events import (
     ContextChanged,
     RuleChanged,
     SampleDropped,
+    SourceStateChanged,
     TaskResult,
     TaskStateChanged,
+    UsageSampled,
 )
+from ctxrobot.observe.pipeline import ObserverPipeline
 from ctxrobot.observe.store import RunStore
 
 TASKS = [
@@ -42,6 +46,7 @@ RATES_HZ = {"slam": 10.0, "signs": 5.0, "speech": 2.0}
 DURATION_S = 20.0
 MOVING = (2.0, 12.0)
 VOICE = (8.0, 11.0)
+CAMERA_STATES = [(0.0, "open"), (5.0, "failed"), (5.1, "reopening"), (6.0, "open")]
 
 
 @dataclass
@@ -85,7 +90,8 @@ def record_run(run_dir: Path, *, seed: int = 7, scale: int = 1) -> RecordedRun:
         ncpus=4,
         tasks=TASKS,
     )
-    store.attach(bus)
+    pipeline = ObserverPipeline(bus)
+    pipeline.add(store)
     rec = RecordedRun(run_dir, store.path, t0, deadlines_ms={n: d for n, _, d, _, _ in TASKS})
 
     def at(s: float) -> float:
@@ -102,8 +108,8 @@ def record_run(run_dir: Path, *, seed: int = 7, scale: int = 1) -> RecordedRun:
         bus.publish(
             "allocation", AllocationApplied(at(t), at(t) - 0.0002, "ctx", reason, alloc, act)
         )
-        for task, a in alloc.items():
-            store.record_usage(at(t), task, float(a["share_cap"]) * 0.8, float(a["share_cap"]))
+        used = {task: float(a["share_cap"]) * 0.8 for task, a in alloc.items()}
+        bus.publish("usage", UsageSampled(at(t), used))
 
     signals: dict[str, object] = {"speed": 0.0, "motion": "stopped", "voice_active": False}
 
@@ -111,6 +117,9 @@ def record_run(run_dir: Path, *, seed: int = 7, scale: int = 1) -> RecordedRun:
         signals.update(new)
         bus.publish("context", ContextChanged(at(t), dict(signals), tuple(new)))
 
+    for t, state in CAMERA_STATES:
+        detail = "no frame for 2 s" if state != "open" else ""
+        bus.publish("source.state", SourceStateChanged(at(t), "camera", state, detail))
     allocate(0.0, "start", 0.34)
     change(0.0)
     change(MOVING[0], speed=0.4, motion="moving")
@@ -146,6 +155,7 @@ def record_run(run_dir: Path, *, seed: int = 7, scale: int = 1) -> RecordedRun:
             )
             rec.latencies_ms[name].append(lat_ms)
             rec.sensor_t[name].append(ts)
+    pipeline.close()
     store.close(DURATION_S, {"note": "synthetic"})
     bus.close()
     return rec

@@ -18,16 +18,19 @@ import numpy as np
 import pytest
 from textual.widgets import DataTable
 
-from ctxrobot.actuate.actuator import TaskAllocation
+from ctxrobot.model.allocation import TaskAllocation
 from ctxrobot.model.bus import EventBus
 from ctxrobot.model.events import (
     AllocationApplied,
     ContextChanged,
     RuleChanged,
+    SourceStateChanged,
     TaskResult,
     TaskStateChanged,
+    UsageSampled,
 )
 from ctxrobot.observe.dash import SORTS, DashApp, recent_text, snapshot_text, sort_tasks, sparkline
+from ctxrobot.observe.pipeline import ObserverPipeline
 from ctxrobot.observe.status import StatusBoard
 
 STATUS: dict[str, Any] = {
@@ -79,6 +82,10 @@ STATUS: dict[str, Any] = {
             "recent": [],
         },
     },
+    "sources": {
+        "camera": {"state": "open", "detail": "", "for_s": 12.0, "changes": 1},
+        "lidar": {"state": "reopening", "detail": "no scan for 2 s", "for_s": 3.4, "changes": 3},
+    },
     "context": {
         "signals": {"speed": 0.3, "motion": "moving", "voice_active": False},
         "active_rules": ["slam-critical-while-moving"],
@@ -122,12 +129,14 @@ def test_snapshot_text_shows_every_task_with_numbers() -> None:
     assert "speed=0.3" in text and "motion=moving" in text and "voice_active=no" in text
     assert "slam-critical-while-moving" in text and "signs-on-camera-activity" in text
     assert "p50 0.080 ms · p99 0.300 ms · last 0.070 ms · 57 allocations" in text
+    assert "sources  camera=open  lidar=reopening 3.4s (no scan for 2 s)" in text
 
 
 def test_snapshot_of_an_empty_daemon() -> None:
     """A daemon that has just started (no tasks, no context yet) still renders."""
     text = snapshot_text({"daemon": {"pid": 1, "policy": "cfs"}}, width=80)
     assert "pid 1" in text and "no signals yet" in text and "none active" in text
+    assert "sources  none reported" in text
 
 
 def test_sparkline_and_sort() -> None:
@@ -176,6 +185,7 @@ def test_app_keys_and_refresh() -> None:
             assert "pid 4321" in screen and "sort: task" in screen
             assert "240.7" in screen and "80.1" in screen
             assert "slam-critical-while-moving" in screen and "57 allocations" in screen
+            assert "lidar=reopening" in screen
             # Sorted by name, cursor on the first row: signs' recent results are shown.
             assert app.selected == "signs"
             assert "signs: recent results" in screen and '{"signs":["stop"]}' in screen
@@ -248,16 +258,18 @@ def test_app_survives_a_failing_source() -> None:
 
 
 def test_snapshot_of_the_daemons_status_board() -> None:
-    """The daemon's real `StatusBoard`, fed on a real bus, renders with the right numbers."""
+    """The daemon's real `StatusBoard`, fed on a real bus through the observer pipeline,
+    renders with the right numbers."""
     bus = EventBus()
     board = StatusBoard(
-        bus,
         deadlines_ms={"slam": 100.0, "speech": 500.0},
         critical_rules={"slam": ["slam-critical-while-moving"]},
         policy="ctx",
         config="config/robot.yaml",
         run_dir="runs/x",
     )
+    pipeline = ObserverPipeline(bus)
+    pipeline.add(board)
     t0 = time.monotonic()
     latencies = [12.0, 30.0, 45.5, 150.0, 33.3]
     bus.publish("task.state", TaskStateChanged(t0, "slam", "running"))
@@ -268,10 +280,15 @@ def test_snapshot_of_the_daemons_status_board() -> None:
     bus.publish("rule", RuleChanged(t0, "slam-critical-while-moving", True))
     alloc = {"slam": TaskAllocation(weight=400, share_cap=0.6), "speech": TaskAllocation()}
     bus.publish("allocation", AllocationApplied(t0, t0, "ctx", "rule", alloc, 0.25))
-    board.record_usage("slam", 0.45)
-    assert bus.drain()
+    bus.publish("usage", UsageSampled(t0, {"slam": 0.45}))
+    bus.publish("source.state", SourceStateChanged(t0, "mic", "open"))
+    bus.publish("source.state", SourceStateChanged(t0, "mic", "failed", "device unplugged"))
+    assert pipeline.drain()
     status = board.snapshot()
+    pipeline.close()
     bus.close()
+    assert status["sources"]["mic"]["state"] == "failed"
+    assert status["sources"]["mic"]["changes"] == 2
     text = snapshot_text(status)
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
     slam = next(line for line in text.splitlines() if line.strip().startswith("slam"))
@@ -284,3 +301,4 @@ def test_snapshot_of_the_daemons_status_board() -> None:
     assert "exited: exit code 137" in recent_text("speech", status["tasks"]["speech"]).plain
     assert "motion=moving" in text and "slam-critical-while-moving" in text
     assert "p50 0.250 ms" in text and "1 allocations" in text
+    assert re.search(r"sources  mic=failed [\d.]+s \(device unplugged\)", text)

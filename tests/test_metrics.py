@@ -1,4 +1,5 @@
-"""The Prometheus exporter, fed by a real EventBus and scraped over HTTP on 127.0.0.1."""
+"""The Prometheus exporter, fed by a real EventBus through the observer pipeline and scraped
+over HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from ctxrobot.model.events import (
     ContextChanged,
     RuleChanged,
     SampleDropped,
+    SourceStateChanged,
     TaskResult,
     TaskStateChanged,
+    UsageSampled,
 )
-from ctxrobot.observe.metrics import LATENCY_BUCKETS_S, MetricsExporter
+from ctxrobot.observe.metrics import LATENCY_BUCKETS_S, TEXT_VALUES_KEPT, MetricsExporter
+from ctxrobot.observe.pipeline import ObserverPipeline
 
 LATENCIES_MS = {"slam": [0.8, 3.0, 40.0, 95.0, 120.0, 1500.0], "signs": [60.0, 250.0]}
 DEADLINES_MS = {"slam": 100.0, "signs": 200.0, "speech": None}
@@ -29,7 +33,9 @@ DEADLINES_MS = {"slam": 100.0, "signs": 200.0, "speech": None}
 def scraped() -> Iterator[dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
     """Publish a short run, scrape the endpoint once, return {(sample, labels): value}."""
     bus = EventBus()
-    metrics = MetricsExporter(bus, deadlines_ms=DEADLINES_MS)
+    metrics = MetricsExporter(deadlines_ms=DEADLINES_MS)
+    pipeline = ObserverPipeline(bus)
+    pipeline.add(metrics)
     t0 = time.monotonic()
     for task, lats in LATENCIES_MS.items():
         bus.publish("task.state", TaskStateChanged(t0, task, "starting"))
@@ -52,14 +58,17 @@ def scraped() -> Iterator[dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
     }
     for act_ms in (0.05, 0.2, 3.0):
         bus.publish("allocation", AllocationApplied(t0 + 1, t0 + 1, "ctx", "rule", alloc, act_ms))
-    metrics.record_usage("slam", 0.42)
-    assert bus.drain()
+    bus.publish("usage", UsageSampled(t0 + 2, {"slam": 0.42}))
+    bus.publish("source.state", SourceStateChanged(t0, "camera", "open"))
+    bus.publish("source.state", SourceStateChanged(t0 + 1, "camera", "failed", "unplugged"))
+    assert pipeline.drain()
     port = metrics.serve(0)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
             assert resp.status == 200
             text = resp.read().decode()
     finally:
+        pipeline.close()
         metrics.close()
         bus.close()
     yield {
@@ -110,6 +119,9 @@ def test_state_cpu_and_context_gauges(scraped: dict) -> None:
     assert scraped[(state, (("signal", "motion"), ("value", "moving")))] == 1
     assert scraped[(state, (("signal", "motion"), ("value", "stopped")))] == 0
     assert not any(name.endswith("signal") and ("signal", "pose") in lab for name, lab in scraped)
+    source = "ctxrobot_source_state"
+    assert scraped[(source, (("source", "camera"), ("state", "failed")))] == 1
+    assert scraped[(source, (("source", "camera"), ("state", "open")))] == 0
     rule = "ctxrobot_rule_active"
     assert scraped[(rule, (("rule", "slam-critical-while-moving"),))] == 1
     assert scraped[(rule, (("rule", "speech-on-voice"),))] == 0
@@ -124,10 +136,32 @@ def test_actuation_histogram(scraped: dict) -> None:
 
 def test_registry_is_private() -> None:
     """Two exporters in one process do not collide (the global registry is untouched)."""
-    bus = EventBus()
-    a = MetricsExporter(bus, deadlines_ms={})
-    b = MetricsExporter(bus, deadlines_ms={})
+    a = MetricsExporter(deadlines_ms={})
+    b = MetricsExporter(deadlines_ms={})
     a.latency.labels("x").observe(0.01)
     assert b.registry.get_sample_value("ctxrobot_task_latency_seconds_count", {"task": "x"}) is None
     a.close()
     b.close()
+
+
+def test_text_signal_label_sets_stay_bounded() -> None:
+    """A text signal that takes a new value every time (a transcript) keeps a bounded number
+    of label sets: the current value at 1, the most recent ones at 0, older ones removed."""
+    bus = EventBus()
+    metrics = MetricsExporter(deadlines_ms={})
+    pipeline = ObserverPipeline(bus)
+    pipeline.add(metrics)
+    for i in range(500):
+        bus.publish("context", ContextChanged(float(i), {"heard": f"utterance {i}"}, ("heard",)))
+    assert pipeline.drain()
+    pipeline.close()
+    values = {
+        s.labels["value"]: s.value
+        for family in metrics.registry.collect()
+        if family.name == "ctxrobot_context_signal_state"
+        for s in family.samples
+    }
+    assert len(values) == TEXT_VALUES_KEPT
+    assert values["utterance 499"] == 1
+    assert sum(values.values()) == 1
+    assert "utterance 0" not in values

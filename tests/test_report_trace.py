@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from obsdata import MOVING, TASKS, VOICE, record_run
+from obsdata import CAMERA_STATES, MOVING, TASKS, VOICE, record_run
 
+from ctxrobot.observe.readers import read_run
 from ctxrobot.observe.report import allocated_from_allocations, context_bands, write_report
-from ctxrobot.observe.store import RunStore, read_run
+from ctxrobot.observe.store import RunStore
 from ctxrobot.observe.trace import write_trace
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -152,3 +153,6 @@ def test_trace_structure(run_dir: Path, tmp_path: Path) -> None:
     assert all("actuation_ms" in e["args"] and "allocation" in e["args"] for e in allocs)
     drops = [e for e in instants if e["cat"] == "drop"]
     assert drops and all(e["tid"] == tracks["signs"] for e in drops)
+    sources = [e for e in instants if e["cat"] == "source"]
+    assert [e["name"] for e in sources] == [f"camera {state}" for _, state in CAMERA_STATES]
+    assert {e["tid"] for e in sources} == {tracks["sources"]}

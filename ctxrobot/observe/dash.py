@@ -4,7 +4,7 @@ The dashboard only *renders*: it takes `status_source`, a function returning the
 status document (see ARCHITECTURE / the daemon's control API), and never talks to the
 daemon itself. That keeps it testable without a daemon and lets `--once` (plain text for
 scripts and bug reports) and the interactive Textual app share every formatting decision:
-both are built from `task_cells`, `context_text` and `actuation_text`.
+both are built from `task_cells`, `sources_text`, `context_text` and `actuation_text`.
 
 The app polls the source off the event loop (`asyncio.to_thread`): a daemon busy
 re-allocating must never freeze the UI, and a daemon that went away shows up as a message
@@ -37,6 +37,9 @@ RECENT_SHOWN = 8
 
 STATE_STYLES = {
     "running": "green",
+    "open": "green",
+    "reopening": "yellow",
+    "closed": "dim",
     "starting": "yellow",
     "stopping": "yellow",
     "frozen": "cyan",
@@ -200,6 +203,23 @@ def context_text(status: Status) -> Text:
     return text
 
 
+def sources_text(status: Status) -> Text:
+    """One line: each sensor source's state, how long it has been in it, and why."""
+    sources = status.get("sources") or {}
+    text = Text("sources  ", style="bold")
+    if not sources:
+        text.append("none reported", style="dim")
+    for i, (name, source) in enumerate(sorted(sources.items())):
+        state = str(source.get("state", "?"))
+        text.append(("  " if i else "") + f"{name}=")
+        text.append(state, style=STATE_STYLES.get(state, ""))
+        if state != "open" and source.get("for_s") is not None:
+            text.append(f" {_ms(source['for_s'])}s")
+        if source.get("detail") and state != "open":
+            text.append(f" ({source['detail']})", style="dim")
+    return text
+
+
 def actuation_text(status: Status) -> Text:
     act = status.get("actuation_ms") or {}
     return Text.assemble(
@@ -236,7 +256,13 @@ def render_snapshot(status: Status, sort_index: int = 0) -> RenderableType:
     for name in sort_tasks(tasks, sort_index):
         cells = task_cells(tasks[name])
         table.add_row(Text(name, style="bold"), *(cells[c.key] for c in COLUMNS[1:]))
-    return Group(header_text(status), table, context_text(status), actuation_text(status))
+    return Group(
+        header_text(status),
+        table,
+        sources_text(status),
+        context_text(status),
+        actuation_text(status),
+    )
 
 
 def snapshot_text(status: Status, width: int = 120) -> str:
@@ -257,7 +283,8 @@ class DashApp(App[None]):
     CSS = """
     #header { height: auto; padding: 0 1; background: $boost; }
     #tasks { height: auto; max-height: 60%; }
-    #context { height: auto; padding: 0 1; margin-top: 1; }
+    #sources { height: auto; padding: 0 1; margin-top: 1; }
+    #context { height: auto; padding: 0 1; }
     #actuation { height: auto; padding: 0 1; }
     #detail { height: 1fr; border: round $accent; padding: 0 1; }
     """
@@ -282,6 +309,7 @@ class DashApp(App[None]):
     def compose(self) -> ComposeResult:
         yield Static(id="header")
         yield DataTable(id="tasks", cursor_type="row", zebra_stripes=True)
+        yield Static(id="sources")
         yield Static(id="context")
         yield Static(id="actuation")
         yield Static(id="detail")
@@ -328,6 +356,7 @@ class DashApp(App[None]):
     def _show(self) -> None:
         self.query_one("#header", Static).update(header_text(self.status, self._note()))
         self._show_tasks()
+        self.query_one("#sources", Static).update(sources_text(self.status))
         self.query_one("#context", Static).update(context_text(self.status))
         self.query_one("#actuation", Static).update(actuation_text(self.status))
         self._show_detail()

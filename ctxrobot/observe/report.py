@@ -23,7 +23,9 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ctxrobot.observe.store import RunData, allocated_shares, read_run
+from ctxrobot.observe.paths import OutputPathError, os_problem, output_dir
+from ctxrobot.observe.readers import RunData, db_path_of, read_run
+from ctxrobot.observe.values import allocated_shares
 
 # Signals worth a band: what the default rules react to. Matched as substrings.
 BAND_SIGNALS = ("voice", "motion", "sign")
@@ -173,14 +175,14 @@ def plot_cpu(run: RunData) -> Figure:
     names = run.task_names
     fig = Figure(figsize=(12, 4))
     ax = fig.subplots()
-    if run.usage:
-        allocated = [(u["t"] - t0, u["task"], u["allocated_share"] or 0.0) for u in run.usage]
-        used = [(u["t"] - t0, u["task"], u["cpu_share"] or 0.0) for u in run.usage]
-    else:
-        allocated = [
-            (t - t0, task, s) for t, task, s in allocated_from_allocations(run.allocations)
-        ]
-        used = []
+    # Usage rows carry the share allocated when they were read; a run without any (no
+    # allocation applied yet, or the stock scheduler) falls back to the allocations.
+    allocated = [
+        (u["t"] - t0, u["task"], u["allocated_share"])
+        for u in run.usage
+        if u["allocated_share"] is not None
+    ] or [(t - t0, task, s) for t, task, s in allocated_from_allocations(run.allocations)]
+    used = [(u["t"] - t0, u["task"], u["cpu_share"] or 0.0) for u in run.usage]
     if not allocated:
         _no_data(ax, "allocations")
     else:
@@ -247,13 +249,19 @@ def plot_actuation(run: RunData) -> Figure:
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write the PNGs for the run in `run_dir` (default into `<run_dir>/report/`)."""
+    """Write the PNGs for the run in `run_dir` (a run folder or its run.db) into `out_dir`
+    (default: `report/` in the run folder)."""
     run = read_run(run_dir)
-    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    default = db_path_of(run_dir).parent / "report"
+    out = output_dir(Path(out_dir) if out_dir is not None else default, "plots")
     written = []
     for name, plot in (("latency", plot_latency), ("cpu", plot_cpu), ("actuation", plot_actuation)):
         path = out / f"{name}.png"
-        plot(run).savefig(path, dpi=110)
+        try:
+            plot(run).savefig(path, dpi=110)
+        except OSError as err:
+            raise OutputPathError(
+                f"cannot write {path}: {os_problem(err)}: give --out a folder with space"
+            ) from None
         written.append(path)
     return written

@@ -5,7 +5,8 @@ which rule, when the allocation landed, and whether the next samples got faster 
 microsecond resolution and zoomable, which summary percentiles cannot.
 
 Layout: one process "ctxrobot"; a "context" track carries context changes, rule changes
-and allocations as instants; then per task a track with its samples as complete slices
+and allocations as instants, a "sources" track live sensors opening, failing and
+reopening; then per task a track with its samples as complete slices
 (`ph:"X"`, processing from t_start to t_end) and a "queue" track with each sample's wait
 from t_sensor to t_start. Trace viewers require the slices of one track to nest, so when
 a task's slices overlap (a pipelining task, several samples queued at once) the extra ones
@@ -19,10 +20,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ctxrobot.observe.store import RunData, read_run
+from ctxrobot.observe.paths import OutputPathError, os_problem, output_file
+from ctxrobot.observe.readers import RunData, db_path_of, read_run
 
 PID = 1
 CONTEXT_TID = 1
+SOURCES_TID = 2  # task tracks start at 1000
 
 
 def _us(t: float, t0: float) -> float:
@@ -85,17 +88,37 @@ def _slice(tid: int, name: str, cat: str, ts: float, end: float, args: dict[str,
 
 def build_trace(run: RunData) -> dict[str, Any]:
     """The trace document (`{"traceEvents": [...], "displayTimeUnit": "ms", ...}`)."""
-    t0 = run.t0
     events: list[dict[str, Any]] = [
         _meta("process_name", None, "ctxrobot"),
         _meta("thread_name", CONTEXT_TID, "context"),
         _meta("thread_sort_index", CONTEXT_TID, 0),
     ]
+    if run.source_states:
+        events.append(_meta("thread_name", SOURCES_TID, "sources"))
+        events.append(_meta("thread_sort_index", SOURCES_TID, SOURCES_TID))
     tracks = _Tracks(events, run.task_names)
     for name in run.task_names:  # every task gets its tracks, even without samples
         tracks.tid(name, "exec")
         tracks.tid(name, "queue")
+    events += _sample_slices(run, tracks)
+    events += _task_instants(run, tracks)
+    events += _context_instants(run)
+    return {
+        "traceEvents": events,
+        "displayTimeUnit": "ms",
+        "otherData": {
+            "run_id": run.run["id"],
+            "policy": run.run["policy"],
+            "hostname": run.run["hostname"],
+            "started_utc": run.run["started_utc"],
+        },
+    }
 
+
+def _sample_slices(run: RunData, tracks: _Tracks) -> list[dict[str, Any]]:
+    """Each sample's processing (t_start → t_end) and its wait (t_sensor → t_start)."""
+    t0 = run.t0
+    events = []
     for s in sorted(run.samples, key=lambda s: s["t_start"]):
         miss = bool(s["deadline_miss"])
         ts, end = _us(s["t_start"], t0), _us(s["t_end"], t0)
@@ -115,49 +138,48 @@ def build_trace(run: RunData) -> dict[str, Any]:
         events.append(
             _slice(tid, f"wait #{s['sample_id']}", "queue", ts, end, {"sample_id": s["sample_id"]})
         )
-    for d in run.drops:
-        events.append(
-            _instant(
-                _us(d["t"], t0),
-                tracks.tid(d["task"], "exec"),
-                f"dropped #{d['sample_id']}",
-                "drop",
-                {"reason": d["reason"]},
-            )
+    return events
+
+
+def _task_instants(run: RunData, tracks: _Tracks) -> list[dict[str, Any]]:
+    """Drops and lifecycle changes, on their task's track."""
+    t0 = run.t0
+    drops = [
+        _instant(
+            _us(d["t"], t0),
+            tracks.tid(d["task"], "exec"),
+            f"dropped #{d['sample_id']}",
+            "drop",
+            {"reason": d["reason"]},
         )
-    for st in run.task_states:
-        events.append(
-            _instant(
-                _us(st["t"], t0),
-                tracks.tid(st["task"], "exec"),
-                st["state"],
-                "state",
-                {"detail": st["detail"]},
-            )
+        for d in run.drops
+    ]
+    states = [
+        _instant(
+            _us(st["t"], t0),
+            tracks.tid(st["task"], "exec"),
+            st["state"],
+            "state",
+            {"detail": st["detail"]},
         )
+        for st in run.task_states
+    ]
+    return drops + states
+
+
+def _context_instants(run: RunData) -> list[dict[str, Any]]:
+    """Context changes, rules and allocations on the context track; sources on theirs."""
+    t0 = run.t0
+    events = []
     for c in run.context:
         changed = c["changed"] or []
         label = ", ".join(f"{k}={c['signals'].get(k)}" for k in changed) or "context"
-        events.append(
-            _instant(
-                _us(c["t"], t0),
-                CONTEXT_TID,
-                label,
-                "context",
-                {"signals": c["signals"], "changed": changed},
-            )
-        )
+        args = {"signals": c["signals"], "changed": changed}
+        events.append(_instant(_us(c["t"], t0), CONTEXT_TID, label, "context", args))
     for r in run.rules:
-        verb = "on" if r["active"] else "off"
-        events.append(
-            _instant(
-                _us(r["t"], t0),
-                CONTEXT_TID,
-                f"rule {r['rule']} {verb}",
-                "rule",
-                {"rule": r["rule"], "active": bool(r["active"])},
-            )
-        )
+        label = f"rule {r['rule']} {'on' if r['active'] else 'off'}"
+        args = {"rule": r["rule"], "active": bool(r["active"])}
+        events.append(_instant(_us(r["t"], t0), CONTEXT_TID, label, "rule", args))
     for a in run.allocations:
         args = {
             "policy": a["policy"],
@@ -166,19 +188,13 @@ def build_trace(run: RunData) -> dict[str, Any]:
             "trigger_to_applied_ms": round((a["t"] - a["trigger_t"]) * 1e3, 3),
             "allocation": a["allocation"],
         }
-        events.append(
-            _instant(_us(a["t"], t0), CONTEXT_TID, f"allocation: {a['reason']}", "allocation", args)
-        )
-    return {
-        "traceEvents": events,
-        "displayTimeUnit": "ms",
-        "otherData": {
-            "run_id": run.run["id"],
-            "policy": run.run["policy"],
-            "hostname": run.run["hostname"],
-            "started_utc": run.run["started_utc"],
-        },
-    }
+        label = f"allocation: {a['reason']}"
+        events.append(_instant(_us(a["t"], t0), CONTEXT_TID, label, "allocation", args))
+    for st in run.source_states:
+        label = f"{st['source']} {st['state']}"
+        args = {"source": st["source"], "state": st["state"], "detail": st["detail"]}
+        events.append(_instant(_us(st["t"], t0), SOURCES_TID, label, "source", args))
+    return events
 
 
 def _instant(ts: float, tid: int, name: str, cat: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -196,9 +212,17 @@ def _instant(ts: float, tid: int, name: str, cat: str, args: dict[str, Any]) -> 
 
 
 def write_trace(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the trace of the run in `run_dir` (default `<run_dir>/trace.json`)."""
-    path = Path(out) if out is not None else Path(run_dir) / "trace.json"
+    """Write the trace of the run in `run_dir` (a run folder or its run.db) to `out`, a file
+    or a folder to write `trace.json` into (default: the run folder)."""
     doc = build_trace(read_run(run_dir))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, separators=(",", ":")))
+    path = output_file(
+        out if out is not None else db_path_of(run_dir).parent, "trace.json", "trace"
+    )
+    try:
+        path.write_text(json.dumps(doc, separators=(",", ":")))
+    except OSError as err:
+        path.unlink(missing_ok=True)  # no half-written trace left behind
+        raise OutputPathError(
+            f"cannot write {path}: {os_problem(err)}: give --out a file on a disk with space"
+        ) from None
     return path
