@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ctxrobot.manifest.schema import memory_bytes
+from ctxrobot.manifest.units import memory_bytes
 
 #: The repository root: config/, containers/ and the git history the bench records.
 REPO = Path(__file__).resolve().parents[2]
