@@ -19,12 +19,12 @@ import pytest
 from ctxrobot.manifest.live import Rplidar
 from ctxrobot.model.bus import EventBus
 from ctxrobot.model.events import SourceStateChanged
-from ctxrobot.service.runtime import GIL_SWITCH_INTERVAL_S
 from ctxrobot.streams.live.rplidar import NO_RETURN_M, RplidarSource
 from ctxrobot.streams.source import Fired
 from ctxtask.datasets.laser import LaserDataset, load_laser_dataset
 from tests.conftest import require_data
 from tests.test_live_support import (
+    SWITCH_INTERVAL_S,
     LidarEmulator,
     free_port,
     live_threads,
@@ -39,7 +39,7 @@ SPEED = 4.0  # the log plays 4× faster than it was recorded: 20 scans a second
 def runtime_switch_interval() -> Iterator[None]:
     """The interpreter's thread switch interval the runtime runs sources with."""
     before = sys.getswitchinterval()
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     yield
     sys.setswitchinterval(before)
 

@@ -28,6 +28,10 @@ import numpy as np
 from ctxtask.datasets.signs import camera_frame
 from tests.conftest import REPO, skip_unless_ci
 
+# What the runtime runs sources with: a short interpreter switch interval and real-time
+# priority (see ctxrobot.service.runtime), so a reading is stamped when it arrives.
+SWITCH_INTERVAL_S = 0.0005
+RT_PRIORITY = 10
 SIGN_IMAGES = Path("signs/road-sign-detection-subset/images")
 STOP_IMAGE = SIGN_IMAGES / "road22.png"  # a stop sign the signs task finds (its eval set)
 STREET_IMAGES = [SIGN_IMAGES / f"road{k}.png" for k in (101, 102, 104, 105)]  # no stop sign

@@ -80,7 +80,7 @@ class Recorder:
         self.out = out
         self.tracks = {name: _Track(name, spec) for name, spec in specs.items()}
         self.t0: float | None = None
-        self.t_last = 0.0
+        self.duration_s = 0.0
         self.frames_dropped = 0
         self._lock = threading.Lock()
         self._frames: queue.Queue[tuple[Path, np.ndarray] | None] = queue.Queue(FRAME_QUEUE)
@@ -129,7 +129,6 @@ class Recorder:
         if not self._belongs(track, fired):
             return
         offset = sample.t_sensor - self.t0
-        self.t_last = max(self.t_last, offset)
         if isinstance(track.spec, Rplidar):
             odometry = next((e for topic, e in fired.events if isinstance(e, Odometry)), None)
             motion = (odometry.v, odometry.w) if odometry is not None else (0.0, 0.0)
@@ -166,6 +165,7 @@ class Recorder:
         self._writer.join()
         written: dict[str, dict[str, Any]] = {}
         with self._lock:
+            self._trim()
             for track in self.tracks.values():
                 written[track.name] = {"samples": track.kept}
                 if not track.kept:
@@ -177,6 +177,40 @@ class Recorder:
                 else:
                     _write_index(self.out / track.name / INDEX_FILE, track.rows)
         return written
+
+    def _trim(self) -> None:
+        """End the session where its first stream ended: a replay of it then has exactly
+        the recorded samples (past its end the audio replay would add silence)."""
+        ends = []
+        for track in self.tracks.values():
+            if not track.rows:
+                continue
+            if isinstance(track.spec, Microphone):
+                ends.append(len(track.rows) * track.spec.chunk_ms / 1000)
+            else:
+                ends.append(
+                    track.rows[-1][0] if isinstance(track.spec, Rplidar) else track.rows[-1][1]
+                )
+        if not ends:
+            return
+        end = min(ends)
+        for track in self.tracks.values():
+            if isinstance(track.spec, Microphone):
+                chunk_s = track.spec.chunk_ms / 1000
+                track.rows = track.rows[: int(end / chunk_s + 1e-6)]
+                end = len(track.rows) * chunk_s
+        # The audio replay cuts chunks up to int(duration × rate) samples: a hair more than
+        # the last chunk's end keeps it whole, whatever the float rounding.
+        self.duration_s = round(end + 0.0005, 4)
+        for track in self.tracks.values():
+            if isinstance(track.spec, Camera):
+                for _, offset, name in track.rows:
+                    if offset > self.duration_s:
+                        (self.out / track.name / name).unlink(missing_ok=True)
+                track.rows = [r for r in track.rows if r[1] <= self.duration_s]
+            elif isinstance(track.spec, Rplidar):
+                track.rows = [r for r in track.rows if r[0] <= self.duration_s]
+            track.kept = len(track.rows)
 
 
 def _write_laser(folder: Path, track: _Track) -> None:
@@ -252,7 +286,7 @@ def _scenario(manifest: Any, recorder: Recorder, duration_s: float) -> str:
         f"# Replay: ctxrobot run --config {manifest.path} --scenario {out / 'scenario.yaml'}\n"
         "# Paths are absolute: edit them if this folder moves.\n"
     )
-    body = {"version": 1, "duration_s": round(max(duration_s, 0.1), 3), "sources": sources}
+    body = {"version": 1, "duration_s": max(duration_s, 0.1), "sources": sources}
     return header + yaml.safe_dump(body, sort_keys=False, width=100)
 
 
@@ -293,11 +327,13 @@ def record(manifest: Any, out: Path, duration_s: float, stop: threading.Event) -
         written = recorder.finish()
     stats = {s.name: s.stats.as_dict() for s in sources if hasattr(s, "stats")}
     for name, summary in written.items():
-        summary.update({k: v for k, v in stats.get(name, {}).items() if k != "detail"})
+        live = stats.get(name, {})
+        summary.update({k: v for k, v in live.items() if k not in ("detail", "samples")})
+        summary["delivered"] = live.get("samples", 0)
     if recorder.t0 is not None:
-        text = _scenario(manifest, recorder, recorder.t_last)
+        text = _scenario(manifest, recorder, recorder.duration_s)
         (out / "scenario.yaml").write_text(text)
-    return {"out": str(out), "duration_s": recorder.t_last, "sources": written}
+    return {"out": str(out), "duration_s": recorder.duration_s, "sources": written}
 
 
 def cmd_record(args: argparse.Namespace) -> int:

@@ -23,11 +23,13 @@ the summary is OpenCV's on an 80×60 thumbnail.
 
 from __future__ import annotations
 
+import collections
 import csv
 import logging
 import os
 import select
 import shutil
+import statistics
 import subprocess
 import threading
 import time
@@ -52,7 +54,7 @@ OPEN_TIMEOUT_MS = 5000
 READ_TIMEOUT_MS = 2000
 THUMBNAIL = (80, 60)
 GAP_FACTOR = 1.5  # a capture gap this many frame periods long means frames were lost
-PERIOD_GAIN = 0.05  # how fast the frame period estimate follows the measured intervals
+MIN_INTERVALS = 10  # frame intervals seen before gaps are judged against their median
 
 
 def read_index(folder: Path) -> list[float]:
@@ -149,7 +151,8 @@ class CameraSource(DeviceSource):
         self.input = _Input.of(spec)
         self._capture: cv2.VideoCapture | None = None
         self._gst: _GstReader | None = None
-        self._period_s = 1.0 / spec.fps
+        self._period_s = 1.0 / spec.fps  # a file's frame spacing when it has no timestamps
+        self._intervals: collections.deque[float] = collections.deque(maxlen=31)
         self._offsets: list[float] | None = None  # a recorded sequence's frame times
         self._t_start = 0.0
         # The mailbox between the capture thread and the sender thread.
@@ -175,6 +178,7 @@ class CameraSource(DeviceSource):
 
     # -- the device -------------------------------------------------------------------------
     def _open(self) -> str:
+        self._intervals.clear()
         kind, target = self.input.kind, self.input.target
         width, height = self.spec.size
         if kind == "pipeline":
@@ -204,8 +208,6 @@ class CameraSource(DeviceSource):
             capture = self._open_file(str(target))
         self._capture = capture
         granted_fps = capture.get(cv2.CAP_PROP_FPS)
-        if self.input.live and granted_fps > 0:
-            self._period_s = 1.0 / granted_fps
         granted = (
             f"{int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))}x"
             f"{int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))} @ {granted_fps:g} fps"
@@ -241,18 +243,24 @@ class CameraSource(DeviceSource):
             frame, t_capture = self._grab(frame_index)
             frame_index += 1
             if last is not None and self.input.live:
-                gap = t_capture - last
-                if gap > GAP_FACTOR * self._period_s:
-                    self.stats.dropped_device += round(gap / self._period_s) - 1
-                else:
-                    # Streams declare a nominal rate at best: learn the real one.
-                    self._period_s += PERIOD_GAIN * (gap - self._period_s)
+                self._count_gap(t_capture - last)
             last = t_capture
             with self._mail:
                 if self._pending is not None:
                     self.stats.dropped_host += 1
                 self._pending = (frame, t_capture)
                 self._mail.notify()
+
+    def _count_gap(self, gap: float) -> None:
+        """Count the frames a capture gap says were lost. The frame period is the median of
+        the recent intervals: streams declare a nominal rate at best, and a median is not
+        moved by the gaps it is there to find."""
+        self._intervals.append(gap)
+        if len(self._intervals) < MIN_INTERVALS:
+            return
+        period = statistics.median(self._intervals)
+        if gap > GAP_FACTOR * period:
+            self.stats.dropped_device += round(gap / period) - 1
 
     def _grab(self, frame_index: int) -> tuple[np.ndarray, float]:
         """The next frame and its capture time (host monotonic)."""

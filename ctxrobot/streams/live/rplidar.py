@@ -234,22 +234,27 @@ class Scan:
 class ScanAssembler:
     """Cuts the node stream into revolutions at the start flags and bins each one."""
 
-    def __init__(self, beams: int) -> None:
+    def __init__(self, beams: int, baud: int) -> None:
         self.beams = beams
         self.increment_deg = 360.0 / beams
+        self.node_s = NODE_BYTES * 10 / baud  # a node's time on the wire (8N1: 10 bits a byte)
         self.partial = 0  # revolutions too short to be a scan (spin-up, a resync)
         self._pending: list[np.ndarray] = []
         self._t_last = 0.0
+        self._t_scan = -math.inf
         self._started = False
 
     def push(self, nodes: np.ndarray, t_arrival: float) -> list[Scan]:
+        """Add the nodes of one read that returned at ``t_arrival``; return the revolutions
+        they completed. A node's arrival is the read's time less the wire time of the nodes
+        after it in the read, so revolutions read together still get their own times."""
         scans: list[Scan] = []
         starts = np.flatnonzero(nodes[:, 0] == 1)
         begin = 0
         for cut in starts:
             if cut > begin:
                 self._pending.append(nodes[begin:cut])
-                self._t_last = t_arrival
+                self._t_last = t_arrival - (len(nodes) - cut) * self.node_s
             if self._started and (scan := self._complete()) is not None:
                 scans.append(scan)
             self._pending = []
@@ -272,7 +277,10 @@ class ScanAssembler:
         index = np.rint(relative / self.increment_deg).astype(np.int64) % self.beams
         # Two returns in one bin: the nearer one, as an obstacle check would want.
         np.minimum.at(ranges, index, (hits[:, 2] / 4000.0).astype(np.float32))
-        return Scan(ranges, self._t_last, len(nodes))
+        # Stamps strictly increase, as a laser log's must, even when the wire-time estimate
+        # (a pseudo-terminal has no wire) would put a revolution before the previous one.
+        self._t_scan = max(self._t_last, self._t_scan + 1e-6)
+        return Scan(ranges, self._t_scan, len(nodes))
 
 
 class RplidarSource(DeviceSource):
@@ -285,7 +293,7 @@ class RplidarSource(DeviceSource):
         self.spec = spec
         self.odometry = OdometryFeedReader(name, spec.odometry) if spec.odometry else None
         self._link: RplidarLink | None = None
-        self._assembler = ScanAssembler(spec.beams)
+        self._assembler = ScanAssembler(spec.beams, spec.baud)
         self._increment = math.radians(360.0 / spec.beams)
 
     def start(self, emit: Emit) -> None:
@@ -301,7 +309,7 @@ class RplidarSource(DeviceSource):
     def _open(self) -> str:
         self._link = RplidarLink(self.spec.port, self.spec.baud)
         info = self._link.start_scan(self.spec.motor_pwm)
-        self._assembler = ScanAssembler(self.spec.beams)
+        self._assembler = ScanAssembler(self.spec.beams, self.spec.baud)
         return f"{self.spec.port} at {self.spec.baud} baud, {info}, {self.spec.beams} beams"
 
     def _close(self) -> None:
