@@ -44,7 +44,14 @@ class SlamConfig:
     odom_sigma_xy_factor: float = 0.2
     odom_sigma_th_base_rad: float = math.radians(1.0)
     odom_sigma_th_factor: float = 0.2
+    # σ of one scan point against the map in tracking: weighs the scan against the odometry
+    # prior. Neighbouring returns err together (one wall, one bush), so it is larger than the
+    # range noise.
+    track_point_sigma_m: float = 0.05
     track_min_fitness: float = 0.4  # below this, recover with a correlative search
+    # Below this even after the search, the scan cannot place itself (open space, nothing in
+    # range, a featureless stretch): the odometry prediction is kept rather than a guess.
+    track_accept_fitness: float = 0.2
     track_linear_window_m: float = 0.3
     track_angular_window_rad: float = math.radians(8.0)
     track_field_resolution_m: float = 0.05  # also the σ of its likelihood field
@@ -63,13 +70,15 @@ class SlamConfig:
     loop_search_radius_m: float = 3.0
     loop_min_path_m: float = 10.0
     loop_submap_half: int = 6
-    # Search window: base + growth per metre travelled since the last closure, capped.
+    loop_attempt_every_m: float = 0.6  # path between two loop-closure attempts (CPU budget)
+    # Search window: base + growth per metre travelled since the last closure, capped. The
+    # branch-and-bound search makes a window of metres and tens of degrees affordable.
     loop_linear_window_m: float = 0.3
     loop_linear_window_per_m: float = 0.04
-    loop_linear_window_max_m: float = 2.0
+    loop_linear_window_max_m: float = 5.0
     loop_angular_window_rad: float = math.radians(3.0)
     loop_angular_window_per_m: float = math.radians(0.5)
-    loop_angular_window_max_rad: float = math.radians(20.0)
+    loop_angular_window_max_rad: float = math.radians(25.0)
     # Reject when a clearly different pose scores this close to the best (aliasing).
     loop_max_ambiguity: float = 0.9
     loop_field_resolution_m: float = 0.1
@@ -77,15 +86,29 @@ class SlamConfig:
     loop_min_inliers: int = 60
     loop_min_constraint: float = 0.08  # min eigenvalue of the translational Hessian / inliers
     # Pairwise consistency: a match is added once another match from the last
-    # loop_consistency_keyframes keyframes closes a cycle with it within these bounds.
-    loop_consistency_keyframes: int = 10
+    # loop_consistency_path_m of path closes a cycle with it within these bounds.
+    loop_consistency_path_m: float = 4.0
     loop_consistency_m: float = 0.15
     loop_consistency_rad: float = math.radians(2.0)
+    # Once the optimisation has converged, a closure the graph still disagrees with by more
+    # than this is removed (counted in rejected_closures) and the graph re-optimised.
+    loop_reject_m: float = 0.3
+    loop_reject_rad: float = math.radians(3.0)
     search_max_points: int = 120
+    loop_query_keyframes: int = 5  # keyframes matched together at a loop closure
+    loop_search_max_points: int = 250
     # Optimisation pacing: Gauss-Newton iterations per scan update while one is pending.
     gn_iterations_per_update: int = 1
     gn_max_iterations: int = 10
     gn_tolerance: float = 1e-4
+
+
+@dataclass(frozen=True)
+class ScanEstimate:
+    """What :meth:`Slam.process` knows about one scan."""
+
+    pose: np.ndarray  # (3,) pose of the scan in the map frame
+    still: bool  # the robot stood still: the scan was not matched, its pose is the prediction
 
 
 @dataclass
@@ -93,6 +116,7 @@ class _LoopMatch:
     j: int  # older keyframe
     k: int  # newer keyframe
     z: np.ndarray  # measured pose of k in the frame of j
+    path_m: float  # path length at keyframe k
     added: bool = False
 
 
@@ -109,6 +133,8 @@ class Slam:
         self.keyframes: list[ScanPoints] = []  # scan of each pose-graph node
         self.loop_closures = 0
         self.loop_attempts = 0
+        self.rejected_closures = 0
+        self.still_scans = 0
         self._scan_ref: list[int] = []  # keyframe index each scan's pose is relative to
         self._scan_rel: list[np.ndarray] = []
         self._last_odom: np.ndarray | None = None
@@ -121,6 +147,7 @@ class Slam:
         self._recent_matches: list[_LoopMatch] = []
         self._kf_path: list[float] = []  # path length at each keyframe
         self._path_at_last_closure = 0.0
+        self._path_at_last_attempt = -math.inf
         cfg = self.config
         self._seq_info = _diag_info(cfg.seq_sigma_xy_m, cfg.seq_sigma_th_rad)
         self._loop_info = _diag_info(cfg.loop_sigma_xy_m, cfg.loop_sigma_th_rad)
@@ -141,8 +168,11 @@ class Slam:
         return compose(self.graph.poses[ref], np.asarray(self._scan_rel))
 
     def finish(self) -> None:
-        """Optimise the graph to convergence (end of a log)."""
-        self.graph.optimise(self.config.gn_max_iterations * 3, self.config.gn_tolerance)
+        """Optimise the graph to convergence, rejecting disagreeing closures (end of a log)."""
+        cfg = self.config
+        self.graph.optimise(cfg.gn_max_iterations * 3, cfg.gn_tolerance)
+        while self._reject_worst_closure():
+            self.graph.optimise(cfg.gn_max_iterations * 3, cfg.gn_tolerance)
         self._gn_pending = 0
         self._local_dirty = True
 
@@ -154,7 +184,7 @@ class Slam:
         angle_min: float,
         angle_increment: float,
         max_range: float,
-    ) -> np.ndarray:
+    ) -> ScanEstimate:
         """Estimate the pose of one scan; ``odom`` is the wheel odometry pose at its stamp."""
         cfg = self.config
         odom = np.asarray(odom, dtype=np.float64)
@@ -172,7 +202,7 @@ class Slam:
             self._add_keyframe(odom.copy(), scan())
             self._record_scan(0, np.zeros(3))
             self._last_odom = self._matched_odom = odom
-            return odom.copy()
+            return ScanEstimate(odom.copy(), still=False)
 
         assert self._last_odom is not None and self._matched_odom is not None
         step = between(self._last_odom, odom)
@@ -181,10 +211,12 @@ class Slam:
         prediction = compose(self.scan_pose(self.num_scans - 1), step)
 
         since = between(self._matched_odom, odom)
-        if np.hypot(since[0], since[1]) < cfg.still_distance_m and abs(since[2]) < (
+        still = np.hypot(since[0], since[1]) < cfg.still_distance_m and abs(since[2]) < (
             cfg.still_angle_rad
-        ):
+        )
+        if still:
             pose = prediction
+            self.still_scans += 1
         else:
             pose = self._track(scan(), prediction, step)
             self._matched_odom = odom
@@ -200,7 +232,7 @@ class Slam:
             self._try_loop_closure(k)
         else:
             self._record_scan(ref, rel)
-        return self.scan_pose(self.num_scans - 1)
+        return ScanEstimate(self.scan_pose(self.num_scans - 1), still=bool(still))
 
     # ----------------------------------------------------------------------------- front end
     def _record_scan(self, ref: int, rel: np.ndarray) -> None:
@@ -240,7 +272,14 @@ class Slam:
         s_xy = cfg.odom_sigma_xy_base_m + cfg.odom_sigma_xy_factor * dist
         s_th = cfg.odom_sigma_th_base_rad + cfg.odom_sigma_th_factor * abs(float(step[2]))
         prior_info = _diag_info(s_xy, s_th)
-        result = icp(local, scan.points, prediction, prediction, prior_info)
+        result = icp(
+            local,
+            scan.points,
+            prediction,
+            prediction,
+            prior_info,
+            point_sigma_m=cfg.track_point_sigma_m,
+        )
         if result.fitness >= cfg.track_min_fitness:
             return result.pose
         # Tracking is lost (wheel slip, fast turn): search the neighbourhood exhaustively.
@@ -249,7 +288,7 @@ class Slam:
             self._local_field = LikelihoodField(local.points, res, res, 1.0)
         guess = correlative_search(
             self._local_field,
-            self._search_points(scan),
+            self._search_points(scan.points, cfg.search_max_points),
             prediction,
             cfg.track_linear_window_m,
             cfg.track_angular_window_rad,
@@ -257,12 +296,28 @@ class Slam:
         ).pose
         retry = icp(local, scan.points, guess)
         best = retry if retry.fitness > result.fitness else result
-        return best.pose if best.fitness >= cfg.track_min_fitness / 2 else prediction
+        return best.pose if best.fitness >= cfg.track_accept_fitness else prediction
 
-    def _search_points(self, scan: ScanPoints) -> np.ndarray:
-        pts = scan.points
-        stride = max(1, math.ceil(len(pts) / self.config.search_max_points))
+    def _search_points(self, pts: np.ndarray, limit: int) -> np.ndarray:
+        stride = max(1, math.ceil(len(pts) / limit))
         return pts[::stride]
+
+    def _loop_query(self, k: int) -> np.ndarray:
+        """Points of keyframe ``k`` and the few before it, in k's frame.
+
+        One 180-beam scan outdoors may hold 80 returns that fit many places; the short chain
+        before it is accurate (scan matching over a few metres) and gives the match the shape
+        of the place instead of one view of it.
+        """
+        cfg = self.config
+        first = max(0, k - cfg.loop_query_keyframes + 1)
+        pose_k = self.graph.poses[k]
+        return np.concatenate(
+            [
+                transform_points(between(pose_k, self.graph.poses[i]), self.keyframes[i].points)
+                for i in range(first, k + 1)
+            ]
+        )
 
     # ----------------------------------------------------------------------------- back end
     def _advance_optimisation(self) -> None:
@@ -275,29 +330,60 @@ class Slam:
             self._gn_pending -= 1
             if change < cfg.gn_tolerance:
                 self._gn_pending = 0
+                if self._reject_worst_closure():
+                    self._gn_pending = cfg.gn_max_iterations
 
-    def _try_loop_closure(self, k: int) -> None:
-        """Match keyframe ``k`` against the submap around the nearest path-distant keyframe.
+    def _reject_worst_closure(self) -> bool:
+        """Remove the loop edge the optimised graph disagrees with most, if beyond the bounds.
 
-        The search window grows with the path travelled since the last accepted closure: right
-        after a closure the pose is anchored and a small window suffices (and rarely aliases);
-        after a long open stretch the drift may be metres and tens of degrees.
+        A wrong closure that passed every match test still cannot bend the rest of the graph
+        onto itself: at the optimum it keeps a residual far above a match's error, while the
+        right closures around it are satisfied. One edge per convergence, worst first, so a
+        wrong edge's pull on its neighbours is gone before they are judged.
         """
         cfg = self.config
-        last_eligible = k - cfg.local_map_keyframes
-        if last_eligible <= 0:
-            return
-        poses = self.graph.poses
-        path_now = self._kf_path[k]
-        open_path = path_now - self._path_at_last_closure
-        lin_win = min(
+        index, err = self.graph.robust_residuals()
+        if len(index) == 0:
+            return False
+        excess = np.maximum(
+            np.hypot(err[:, 0], err[:, 1]) / cfg.loop_reject_m,
+            np.abs(err[:, 2]) / cfg.loop_reject_rad,
+        )
+        worst = int(np.argmax(excess))
+        if excess[worst] <= 1.0:
+            return False
+        self.graph.remove_edge(int(index[worst]))
+        self.loop_closures -= 1
+        self.rejected_closures += 1
+        return True
+
+    def _loop_windows(self, k: int) -> tuple[float, float]:
+        """Search window (m, rad) for keyframe ``k``: grows with the path since the last closure.
+
+        Right after a closure the pose is anchored and a small window suffices (and rarely
+        aliases); after a long open stretch the drift may be metres and tens of degrees.
+        """
+        cfg = self.config
+        open_path = self._kf_path[k] - self._path_at_last_closure
+        lin = min(
             cfg.loop_linear_window_max_m,
             cfg.loop_linear_window_m + cfg.loop_linear_window_per_m * open_path,
         )
-        ang_win = min(
+        ang = min(
             cfg.loop_angular_window_max_rad,
             cfg.loop_angular_window_rad + cfg.loop_angular_window_per_m * open_path,
         )
+        return lin, ang
+
+    def _try_loop_closure(self, k: int) -> None:
+        """Match keyframe ``k`` against the submap around the nearest path-distant keyframe."""
+        cfg = self.config
+        last_eligible = k - cfg.local_map_keyframes
+        path_now = self._kf_path[k]
+        if last_eligible <= 0 or path_now - self._path_at_last_attempt < cfg.loop_attempt_every_m:
+            return
+        poses = self.graph.poses
+        lin_win, ang_win = self._loop_windows(k)
         paths = np.asarray(self._kf_path[:last_eligible])
         d = np.hypot(*(poses[:last_eligible, :2] - poses[k, :2]).T)
         ok = (path_now - paths > cfg.loop_min_path_m) & (d < cfg.loop_search_radius_m + lin_win)
@@ -305,22 +391,30 @@ class Slam:
             return
         j = int(np.flatnonzero(ok)[np.argmin(d[ok])])
         self.loop_attempts += 1
+        self._path_at_last_attempt = path_now
         lo = max(0, j - cfg.loop_submap_half)
         hi = min(last_eligible, j + cfg.loop_submap_half + 1)
         pts, nrm = self._submap(range(lo, hi))
         target = PointLineMap(pts, nrm)
-        scan = self.keyframes[k]
-        if len(target) == 0 or len(scan.points) < cfg.loop_min_inliers:
+        query = self._loop_query(k)
+        if len(target) == 0 or len(query) < cfg.loop_min_inliers:
             return
-        field = LikelihoodField(pts, cfg.loop_field_resolution_m, cfg.loop_field_resolution_m, 1.0)
+        res = cfg.loop_field_resolution_m
+        field = LikelihoodField(pts, res, res, lin_win + 1.0)
         found = correlative_search(
-            field, self._search_points(scan), poses[k], lin_win, ang_win, math.radians(1.0)
+            field,
+            self._search_points(query, cfg.loop_search_max_points),
+            poses[k],
+            lin_win,
+            ang_win,
+            math.radians(1.0),
+            ambiguity=cfg.loop_max_ambiguity,
         )
         if found.runner_up > cfg.loop_max_ambiguity * found.score:
             return
-        result = icp(target, scan.points, found.pose)
+        result = icp(target, query, found.pose)
         if self._loop_match_ok(result):
-            self._accept_if_consistent(_LoopMatch(j, k, between(poses[j], result.pose)))
+            self._accept_if_consistent(_LoopMatch(j, k, between(poses[j], result.pose), path_now))
 
     def _accept_if_consistent(self, match: _LoopMatch) -> None:
         """Add ``match`` (and the earlier match it agrees with) once two matches agree.
@@ -332,8 +426,8 @@ class Slam:
         agree with each other, so the pair test removes them before they reach the graph.
         """
         cfg = self.config
-        horizon = match.k - cfg.loop_consistency_keyframes
-        self._recent_matches = [m for m in self._recent_matches if m.k >= horizon]
+        horizon = match.path_m - cfg.loop_consistency_path_m
+        self._recent_matches = [m for m in self._recent_matches if m.path_m >= horizon]
         poses = self.graph.poses
         agreeing = []
         for other in self._recent_matches:
@@ -354,7 +448,7 @@ class Slam:
                 self.graph.add_edge(m.j, m.k, m.z, self._loop_info, robust=True)
                 m.added = True
                 self.loop_closures += 1
-        self._path_at_last_closure = self._kf_path[match.k]
+        self._path_at_last_closure = match.path_m
         self._gn_pending = cfg.gn_max_iterations
 
     def _loop_match_ok(self, result: MatchResult) -> bool:

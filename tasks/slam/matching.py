@@ -106,10 +106,24 @@ def icp(
     return MatchResult(x, n_in / len(points), n_in, rmse, hessian)
 
 
-class LikelihoodField:
-    """exp(−d²/2σ²) of the distance d to the nearest map point, on a regular grid."""
+# Greedy descents run side by side to find the first score the optimum must beat.
+_GREEDY_SEEDS = 8
+# More blocks than this above the pruning threshold at one level: the window is ambiguous.
+_MAX_BLOCKS = 4000
 
-    def __init__(self, points: np.ndarray, resolution: float, sigma: float, margin: float) -> None:
+
+class LikelihoodField:
+    """exp(−d²/2σ²) of the distance d to the nearest map point, on a regular grid.
+
+    ``pyramid[l]`` holds, at every cell, the largest value of the 2ˡ × 2ˡ block of cells that
+    starts there (Olson 2009; Hess et al. 2016): a scan scored on level ``l`` gets an upper
+    bound of its score at every one of the 2ˡ × 2ˡ translations of that block, which is what
+    lets :func:`correlative_search` skip most of a large window.
+    """
+
+    def __init__(
+        self, points: np.ndarray, resolution: float, sigma: float, margin: float, levels: int = 6
+    ) -> None:
         self.resolution = resolution
         lo = points.min(axis=0) - margin
         hi = points.max(axis=0) + margin
@@ -124,6 +138,16 @@ class LikelihoodField:
         field[0, :] = field[-1, :] = field[:, 0] = field[:, -1] = 0.0
         self.field = field
         self.shape = (h, w)
+        self.pyramid = [field]
+        for level in range(1, levels + 1):
+            half = 1 << (level - 1)
+            prev = np.pad(self.pyramid[-1], ((0, half), (0, half)))
+            self.pyramid.append(
+                np.maximum(
+                    np.maximum(prev[:h, :w], prev[half : half + h, :w]),
+                    np.maximum(prev[:h, half : half + w], prev[half : half + h, half : half + w]),
+                )
+            )
 
 
 @dataclass(frozen=True)
@@ -140,38 +164,86 @@ def correlative_search(
     linear_window: float,
     angular_window: float,
     angular_step: float,
+    ambiguity: float = 0.9,
     distinct_m: float = 0.3,
     distinct_rad: float = np.radians(3.0),
 ) -> SearchResult:
     """Best pose on a grid around ``initial`` (cell-sized translation steps), with its score.
 
-    Exhaustive, vectorised over translations: for each rotation the scan's cell indices are
-    offset by every translation at once, so the cost is rotations × points × translations
-    table look-ups (about 1 M for a ±1 m, ±10° window at 10 cm / 1°). ``runner_up`` is the
-    best score farther than ``distinct_m`` or ``distinct_rad`` from the winner: close to the
-    winner's score means the place is ambiguous (repeated doors, featureless corridor).
+    Branch and bound over translations, level by level: a greedy descent from the best
+    coarse block gives a score s₀ that the optimum must beat, and every block whose upper
+    bound is below ``ambiguity`` × s₀ is dropped with all its translations. What survives to
+    level 0 is scored exactly, so the best pose is the exhaustive search's, and ``runner_up``
+    (the best score farther than ``distinct_m`` or ``distinct_rad`` from the winner) is exact
+    whenever it is at least ``ambiguity`` × s₀ — the only case in which it matters: close to
+    the winner's score means the place is ambiguous (repeated doors, featureless corridor).
+    When thousands of blocks stay above that bound the window is declared ambiguous
+    (``runner_up`` = ``score``) instead of scoring them all.
     """
     res = field.resolution
     h, w = field.shape
-    k = round(linear_window / res)
-    offs = np.arange(-k, k + 1)
-    flat = field.field.ravel()
+    k = max(1, round(linear_window / res))
     n_ang = round(angular_window / angular_step)
     angles = initial[2] + angular_step * np.arange(-n_ang, n_ang + 1)
-    scores = np.empty((len(angles), len(offs), len(offs)), np.float32)
+    # Cell of every point at every angle, translated by the window's lowest offset (-k, -k).
+    cells = np.empty((len(angles), len(points), 2), np.int64)
     for a, theta in enumerate(angles):
         world = transform_points(np.array([initial[0], initial[1], theta]), points)
-        cells = np.floor((world - field.origin) / res).astype(int)
-        cx = np.clip(cells[:, 0, None] + offs[None, :], 0, w - 1)  # (N, T)
-        cy = np.clip(cells[:, 1, None] + offs[None, :], 0, h - 1)
-        # scores[a, iy, ix] = Σ_points field[cy[p, iy], cx[p, ix]]
-        scores[a] = flat[cy[:, :, None] * w + cx[:, None, :]].sum(axis=0)
-    ia, iy, ix = np.unravel_index(int(np.argmax(scores)), scores.shape)
-    best = float(scores[ia, iy, ix])
-    near_t = np.hypot(*np.meshgrid(offs - offs[iy], offs - offs[ix], indexing="ij")) * res
-    near_a = np.abs(angles - angles[ia]) <= distinct_rad
-    apart = ~(near_a[:, None, None] & (near_t <= distinct_m)[None])
-    runner_up = float(scores[apart].max()) if apart.any() else 0.0
+        cells[a] = np.floor((world - field.origin) / res).astype(np.int64) - k
+    span = 2 * k + 1
+    top = min(len(field.pyramid) - 1, max(0, int(np.log2(span))))
+
+    def bound(level: int, a: np.ndarray, ox: np.ndarray, oy: np.ndarray) -> np.ndarray:
+        grid = field.pyramid[level]
+        cx = np.clip(cells[a, :, 0] + ox[:, None], 0, w - 1)
+        cy = np.clip(cells[a, :, 1] + oy[:, None], 0, h - 1)
+        return grid[cy, cx].sum(axis=1)
+
+    def children(
+        a: np.ndarray, ox: np.ndarray, oy: np.ndarray, size: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The four half-size blocks of each block (those inside the window), with parents."""
+        half = size // 2
+        parent = np.repeat(np.arange(len(a)), 4)
+        ox2 = (ox[:, None] + np.array([0, half, 0, half])).ravel()
+        oy2 = (oy[:, None] + np.array([0, 0, half, half])).ravel()
+        keep = (ox2 < span) & (oy2 < span)
+        return a[parent[keep]], ox2[keep], oy2[keep], parent[keep]
+
+    size = 1 << top
+    grid_off = np.arange(0, span, size)
+    a, ox, oy = (v.ravel() for v in np.meshgrid(np.arange(len(angles)), grid_off, grid_off))
+    scores = bound(top, a, ox, oy)
+    # Greedy descents from the best few top-level blocks, side by side: the best exact score
+    # they reach is one the optimum must beat (the higher, the more blocks are skipped).
+    seeds = np.argsort(scores)[-_GREEDY_SEEDS:]
+    ga, gx, gy = a[seeds], ox[seeds], oy[seeds]
+    for level in range(top - 1, -1, -1):
+        ga, gx, gy, parent = children(ga, gx, gy, 1 << (level + 1))
+        s = bound(level, ga, gx, gy)
+        # Best child of each parent: sort by (parent, score) and take each parent's last.
+        order = np.lexsort((s, parent))
+        last = order[np.r_[parent[order][1:] != parent[order][:-1], True]]
+        ga, gx, gy, s = ga[last], gx[last], gy[last], s[last]
+    threshold = ambiguity * float(s.max())
+    crowded = False
+    for level in range(top - 1, -1, -1):
+        keep = np.flatnonzero(scores >= threshold)
+        if len(keep) > _MAX_BLOCKS:
+            # So many blocks of the window score near the best that the place is ambiguous
+            # whatever the exact winner: follow the most promising ones only.
+            crowded = True
+            keep = keep[np.argsort(scores[keep])[-_MAX_BLOCKS:]]
+        a, ox, oy, _ = children(a[keep], ox[keep], oy[keep], 1 << (level + 1))
+        scores = bound(level, a, ox, oy)
+    i = int(np.argmax(scores))
+    best_score = float(scores[i])
+    near = (np.hypot(ox - ox[i], oy - oy[i]) * res <= distinct_m) & (
+        np.abs(angles[a] - angles[a[i]]) <= distinct_rad
+    )
+    runner_up = float(scores[~near].max()) if (~near).any() else 0.0
+    if crowded:
+        runner_up = best_score
     n = max(len(points), 1)
-    pose = np.array([initial[0] + offs[ix] * res, initial[1] + offs[iy] * res, angles[ia]])
-    return SearchResult(pose, best / n, runner_up / n)
+    pose = np.array([initial[0] + (ox[i] - k) * res, initial[1] + (oy[i] - k) * res, angles[a[i]]])
+    return SearchResult(pose, best_score / n, runner_up / n)

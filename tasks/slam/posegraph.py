@@ -22,6 +22,20 @@ def _block_indices(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return rows.ravel(), cols.ravel()
 
 
+def _edge_errors(xi: np.ndarray, xj: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """``z⁻¹ ⊕ (x_i⁻¹ ⊕ x_j)`` per edge, (m, 3): zero when the poses agree with the edge."""
+    ci, si = np.cos(xi[:, 2]), np.sin(xi[:, 2])
+    cz, sz = np.cos(z[:, 2]), np.sin(z[:, 2])
+    dt = xj[:, :2] - xi[:, :2]
+    # Ri^T (tj - ti): translation of x_j in frame i.
+    lx = ci * dt[:, 0] + si * dt[:, 1]
+    ly = -si * dt[:, 0] + ci * dt[:, 1]
+    ex = cz * (lx - z[:, 0]) + sz * (ly - z[:, 1])
+    ey = -sz * (lx - z[:, 0]) + cz * (ly - z[:, 1])
+    eth = wrap(xj[:, 2] - xi[:, 2] - z[:, 2])
+    return np.stack([ex, ey, eth], axis=1)
+
+
 class PoseGraph:
     """Nodes ``[x, y, θ]`` and relative-pose edges ``z = x_i⁻¹ ⊕ x_j`` with information Ω."""
 
@@ -51,6 +65,25 @@ class PoseGraph:
         self._info.append(np.asarray(info, dtype=np.float64))
         self._robust.append(robust)
 
+    def edge_nodes(self, index: int) -> tuple[int, int]:
+        """The two nodes edge ``index`` joins."""
+        return self._i[index], self._j[index]
+
+    def remove_edge(self, index: int) -> None:
+        """Drop edge ``index`` (a loop closure the rest of the graph disagrees with)."""
+        for column in (self._i, self._j, self._z, self._info, self._robust):
+            del column[index]
+
+    def robust_residuals(self) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of the robust (loop) edges and their errors ``[ex, ey, eθ]`` at the poses."""
+        robust = np.flatnonzero(np.asarray(self._robust, dtype=bool))
+        if len(robust) == 0:
+            return robust, np.zeros((0, 3))
+        i = np.asarray(self._i)[robust]
+        j = np.asarray(self._j)[robust]
+        z = np.asarray(self._z)[robust]
+        return robust, _edge_errors(self.poses[i], self.poses[j], z)
+
     def step(self) -> float:
         """One Gauss-Newton iteration over the whole graph; returns the largest update.
 
@@ -67,16 +100,8 @@ class PoseGraph:
         robust = np.asarray(self._robust)
         xi, xj = self.poses[i], self.poses[j]
 
-        ci, si = np.cos(xi[:, 2]), np.sin(xi[:, 2])
-        cz, sz = np.cos(z[:, 2]), np.sin(z[:, 2])
         dt = xj[:, :2] - xi[:, :2]
-        # Ri^T (tj - ti): translation of x_j in frame i.
-        lx = ci * dt[:, 0] + si * dt[:, 1]
-        ly = -si * dt[:, 0] + ci * dt[:, 1]
-        ex = cz * (lx - z[:, 0]) + sz * (ly - z[:, 1])
-        ey = -sz * (lx - z[:, 0]) + cz * (ly - z[:, 1])
-        eth = wrap(xj[:, 2] - xi[:, 2] - z[:, 2])
-        err = np.stack([ex, ey, eth], axis=1)
+        err = _edge_errors(xi, xj, z)
 
         chi2 = np.einsum("ei,eij,ej->e", err, info, err)
         scale = np.where(robust, np.minimum(1.0, 2.0 * self.dcs_phi / (self.dcs_phi + chi2)), 1.0)

@@ -47,7 +47,7 @@ class SlamTask(Task):
             raise ValueError(f"slam task takes 'scan' samples, got {sample.kind!r}")
         t0 = time.process_time()
         meta = sample.meta
-        pose = self.slam.process(
+        estimate = self.slam.process(
             sample.array(),
             np.asarray(meta["odom"], dtype=np.float64),
             float(meta["angle_min"]),
@@ -55,8 +55,12 @@ class SlamTask(Task):
             float(meta["max_range"]),
         )
         self._cpu_s += time.process_time() - t0
+        pose = [round(float(v), 4) for v in estimate.pose]
+        if estimate.still:
+            # Standing still: the scan was not matched (the host counts this as shed work).
+            return {"shed": "still", "pose": pose, "t_log": meta.get("t_log")}
         return {
-            "pose": [round(float(v), 4) for v in pose],
+            "pose": pose,
             "t_log": meta.get("t_log"),
             "loop_closures": self.slam.loop_closures,
         }
@@ -69,6 +73,8 @@ class SlamTask(Task):
             "keyframes": len(self.slam.keyframes),
             "loop_closures": self.slam.loop_closures,
             "loop_attempts": self.slam.loop_attempts,
+            "rejected_closures": self.slam.rejected_closures,
+            "still_scans": self.slam.still_scans,
             "map": None,
         }
         map_out = self._config.get("map_out")

@@ -4,20 +4,27 @@ A dataset folder (e.g. ``$CTXROBOT_DATA/slam/intel``) holds:
 
 - ``*_laser.txt.gz``: two ``#`` header lines, then ``timestamp r_0 … r_{B-1}`` per scan;
 - ``*_odom.txt``: ``#`` header lines, then ``t x y theta tv rv`` (raw wheel odometry);
-- ``laser.yaml``: ``beams, angle_min_deg, angle_increment_deg, no_return_m, scan_rate_hz``;
+- ``laser.yaml``: ``beams, angle_min_deg, angle_increment_deg, no_return_m, scan_rate_hz``
+  and optionally ``angle_min_file``: a file in the folder with ``timestamp_s angle_min_deg`` per
+  scan, for scanners whose start bearing changes from scan to scan (interleaved modes);
 - optionally ``*.relations``: ``t1 t2 x y z roll pitch yaw`` (pose of scan 2 in scan 1).
 
 The host runtime uses this module to replay logs and derive motion context, and the SLAM task
 uses it for evaluation (inside the slam container, which has no PyYAML), so it depends on
-numpy only: ``laser.yaml`` is a flat ``key: number`` mapping and is parsed here.
+numpy only: ``laser.yaml`` is a flat ``key: value`` mapping and is parsed here.
+
+:func:`score_run` scores the poses a SLAM task returned during a run (the benchmark's
+quality-in-the-loop figure).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,13 +33,15 @@ from ctxtask.protocol import Sample
 # Relation stamps are copies of scan stamps; anything farther than this is a different scan.
 _STAMP_TOLERANCE_S = 1e-3
 _YAML_KEYS = ("beams", "angle_min_deg", "angle_increment_deg", "no_return_m", "scan_rate_hz")
+# laser.yaml keys whose value is a file name, not a number.
+_YAML_FILE_KEYS = ("angle_min_file",)
 
 
 @dataclass(frozen=True)
 class LaserGeometry:
     """How beam index maps to bearing, and which ranges are real returns."""
 
-    angle_min: float  # rad, bearing of beam 0 (counter-clockwise positive)
+    angle_min: float  # rad, nominal bearing of beam 0 (counter-clockwise positive)
     angle_increment: float  # rad between consecutive beams
     max_valid_range: float  # m; a range at or above this means "no return"
     rate_hz: float  # nominal scan rate
@@ -48,6 +57,7 @@ class LaserDataset:
     odom_at_scans: np.ndarray  # (N, 3) odometry [x, y, theta] interpolated at scan stamps
     odometry: np.ndarray  # (M, 6) raw [t, x, y, theta, tv, rv]
     geometry: LaserGeometry
+    angle_min: np.ndarray  # (N,) rad, bearing of beam 0 of each scan
     relations: np.ndarray | None  # (K, 5) [t1, t2, dx, dy, dyaw] or None
 
     @property
@@ -86,42 +96,70 @@ def _load_table(path: Path, min_cols: int, what: str) -> np.ndarray:
     return table
 
 
-def _parse_flat_yaml(path: Path) -> dict[str, float]:
-    """``key: number`` lines with ``#`` comments: all laser.yaml needs."""
-    doc: dict[str, float] = {}
+def _parse_flat_yaml(path: Path) -> dict[str, float | str]:
+    """``key: value`` lines with ``#`` comments: numbers, and file names for the file keys."""
+    doc: dict[str, float | str] = {}
     for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         key, sep, value = line.partition(":")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ValueError(f"{path}:{lineno}: expected 'key: value', got {raw.strip()!r}")
+        if key in _YAML_FILE_KEYS:
+            name = value.strip().strip("'\"")
+            if not name or "/" in name:
+                raise ValueError(
+                    f"{path}:{lineno}: {key} must name a file in this folder, got {value.strip()!r}"
+                )
+            doc[key] = name
+            continue
         try:
-            doc[key.strip()] = float(value)
+            doc[key] = float(value)
         except ValueError:
             raise ValueError(
-                f"{path}:{lineno}: value of {key.strip()!r} is not a number: {value.strip()!r}"
+                f"{path}:{lineno}: value of {key!r} is not a number: {value.strip()!r} "
+                f"(file-name keys: {', '.join(_YAML_FILE_KEYS)})"
             ) from None
     return doc
 
 
-def _load_geometry(path: Path) -> tuple[LaserGeometry, int]:
+def _load_geometry(path: Path) -> tuple[LaserGeometry, int, str | None]:
+    """The geometry, the beam count and the per-scan start-bearing file named (if any)."""
     doc = _parse_flat_yaml(path)
     missing = [k for k in _YAML_KEYS if k not in doc]
     if missing:
         raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
-    beams = int(doc["beams"])
-    if beams != doc["beams"]:
-        raise ValueError(f"{path}: beams must be an integer, got {doc['beams']}")
+    numbers = {k: doc[k] for k in _YAML_KEYS}
+    assert all(isinstance(v, float) for v in numbers.values())  # file keys are not in _YAML_KEYS
+    beams = int(numbers["beams"])
+    if beams != numbers["beams"]:
+        raise ValueError(f"{path}: beams must be an integer, got {numbers['beams']}")
     geometry = LaserGeometry(
-        angle_min=math.radians(doc["angle_min_deg"]),
-        angle_increment=math.radians(doc["angle_increment_deg"]),
-        max_valid_range=doc["no_return_m"],
-        rate_hz=doc["scan_rate_hz"],
+        angle_min=math.radians(float(numbers["angle_min_deg"])),
+        angle_increment=math.radians(float(numbers["angle_increment_deg"])),
+        max_valid_range=float(numbers["no_return_m"]),
+        rate_hz=float(numbers["scan_rate_hz"]),
     )
     if beams <= 0 or geometry.angle_increment <= 0 or geometry.max_valid_range <= 0:
         raise ValueError(f"{path}: beams, angle_increment_deg and no_return_m must be > 0")
-    return geometry, beams
+    angle_file = doc.get("angle_min_file")
+    return geometry, beams, angle_file if isinstance(angle_file, str) else None
+
+
+def _load_angle_mins(path: Path, stamps: np.ndarray) -> np.ndarray:
+    """Per-scan start bearings (rad) from ``timestamp_s angle_min_deg`` lines, one per scan."""
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (named by angle_min_file in laser.yaml)")
+    table = _load_table(path, 2, "start bearing")
+    if len(table) != len(stamps):
+        raise ValueError(f"{path}: {len(table)} start bearings for {len(stamps)} scans")
+    off = np.abs(table[:, 0] - stamps) > _STAMP_TOLERANCE_S
+    if np.any(off):
+        row = int(np.argmax(off)) + 1
+        raise ValueError(f"{path}: data row {row} has a stamp that is not its scan's stamp")
+    return np.radians(table[:, 1])
 
 
 def interpolate_odometry(odometry: np.ndarray, stamps: np.ndarray) -> np.ndarray:
@@ -149,7 +187,7 @@ def load_laser_dataset(folder: Path) -> LaserDataset:
     if not yaml_path.is_file():
         raise ValueError(f"{folder}: missing laser.yaml")
     assert laser_path is not None and odom_path is not None
-    geometry, beams = _load_geometry(yaml_path)
+    geometry, beams, angle_file = _load_geometry(yaml_path)
 
     scans = _load_table(laser_path, 2, "laser scan")
     if scans.shape[1] != beams + 1:
@@ -163,6 +201,10 @@ def load_laser_dataset(folder: Path) -> LaserDataset:
     ranges = scans[:, 1:].astype(np.float32)
     if np.any(ranges < 0):
         raise ValueError(f"{laser_path}: negative range")
+    if angle_file is None:
+        angle_min = np.full(len(stamps), geometry.angle_min)
+    else:
+        angle_min = _load_angle_mins(folder / angle_file, stamps)
 
     odometry = _load_table(odom_path, 6, "odometry")[:, :6]
     if np.any(np.diff(odometry[:, 0]) < 0):
@@ -181,6 +223,7 @@ def load_laser_dataset(folder: Path) -> LaserDataset:
         odom_at_scans=interpolate_odometry(odometry, stamps),
         odometry=odometry,
         geometry=geometry,
+        angle_min=angle_min,
         relations=relations,
     )
 
@@ -202,13 +245,13 @@ def relative_poses(poses_a: np.ndarray, poses_b: np.ndarray) -> np.ndarray:
     return np.stack([c * dx + s * dy, -s * dx + c * dy, dth], axis=1)
 
 
-def score_relations(
+def relation_errors(
     stamps: np.ndarray, poses: np.ndarray, relations: np.ndarray
-) -> tuple[float, float]:
-    """Freiburg benchmark error (Kümmerle et al. 2009) of ``poses`` (one per scan stamp).
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-relation Freiburg errors (Kümmerle et al. 2009) of ``poses`` (one per scan stamp).
 
     For each relation, the error is ``δ_true⁻¹ ⊕ δ_est`` between the estimated and the true pose
-    of scan 2 in scan 1. Returns (mean |translation| in m, mean |rotation| in degrees).
+    of scan 2 in scan 1. Returns (|translation| in m, |rotation| in degrees), one per relation.
     Relations whose stamps match no scan raise ``ValueError``: silently dropping them would
     flatter the score.
     """
@@ -225,7 +268,51 @@ def score_relations(
     # The norm of the translational part of δ_true⁻¹ ⊕ δ_est equals |t_est − t_true|.
     trans = np.hypot(est[:, 0] - relations[:, 2], est[:, 1] - relations[:, 3])
     rot = np.abs(np.angle(np.exp(1j * (est[:, 2] - relations[:, 4]))))
-    return float(trans.mean()), float(np.degrees(rot.mean()))
+    return trans, np.degrees(rot)
+
+
+def score_relations(
+    stamps: np.ndarray, poses: np.ndarray, relations: np.ndarray
+) -> tuple[float, float]:
+    """Freiburg benchmark error: mean translation (m) and rotation (deg) over the relations."""
+    trans, rot = relation_errors(stamps, poses, relations)
+    return float(trans.mean()), float(rot.mean())
+
+
+def score_run(results: Sequence[Mapping[str, Any]], dataset_dir: Path) -> dict[str, float | int]:
+    """Score the poses a SLAM task returned *during* a run (quality in the loop).
+
+    ``results`` are the task's result dicts of one run, in sample order, as it returned them;
+    samples that were dropped have no result. The poses scored are those the robot had online:
+    each result's ``pose`` as returned at that moment (later loop-closure corrections do not
+    reach back into it), for every result that carries one, i.e. scans that were processed and
+    scans shed while standing still (their pose is odometry composed onto the last estimate).
+    A relation counts when both its scans have such a pose. With no such relation the errors
+    are NaN and ``relations`` is 0. Raises ``ValueError`` when the folder has no relations or
+    two results carry the same ``t_log``.
+    """
+    folder = Path(dataset_dir)
+    rel_path = _single(folder, "*.relations", required=True)
+    assert rel_path is not None
+    relations = _load_table(rel_path, 8, "relation")[:, [0, 1, 2, 3, 7]]
+    posed = [r for r in results if r.get("pose") is not None and r.get("t_log") is not None]
+    if not posed:
+        return {"slam_trans_error_m": math.nan, "slam_rot_error_deg": math.nan, "relations": 0}
+    stamps = np.array([float(r["t_log"]) for r in posed])
+    poses = np.array([[float(v) for v in r["pose"]] for r in posed])
+    order = np.argsort(stamps, kind="stable")
+    stamps, poses = stamps[order], poses[order]
+    if np.any(np.diff(stamps) <= 0):
+        raise ValueError("results repeat a t_log: give the results of one run, once each")
+    if len(stamps) < 2:
+        return {"slam_trans_error_m": math.nan, "slam_rot_error_deg": math.nan, "relations": 0}
+    both = (_scan_indices(stamps, relations[:, 0]) >= 0) & (
+        _scan_indices(stamps, relations[:, 1]) >= 0
+    )
+    if not both.any():
+        return {"slam_trans_error_m": math.nan, "slam_rot_error_deg": math.nan, "relations": 0}
+    trans, rot = score_relations(stamps, poses, relations[both])
+    return {"slam_trans_error_m": trans, "slam_rot_error_deg": rot, "relations": int(both.sum())}
 
 
 def scan_sample(
@@ -239,7 +326,7 @@ def scan_sample(
         t_sensor=time.monotonic() if t_sensor is None else t_sensor,
         kind="scan",
         meta={
-            "angle_min": geo.angle_min,
+            "angle_min": float(dataset.angle_min[k]),
             "angle_increment": geo.angle_increment,
             "max_range": geo.max_valid_range,
             "odom": [float(v) for v in dataset.odom_at_scans[k]],
