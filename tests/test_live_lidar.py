@@ -8,8 +8,12 @@ decodes real descriptors and measurement nodes.
 from __future__ import annotations
 
 import math
+import os
+import pty
 import sys
+import threading
 import time
+import tty
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,3 +203,37 @@ def test_slam_on_the_live_stream_matches_slam_on_the_replay(
         f"max {math.degrees(heading.max()):.3f}°"
     )
     assert error.max() <= 0.01
+
+
+def test_a_device_answering_garbage_is_a_fault(tmp_path: Path) -> None:
+    """Something that is not an RPLidar (or one at the wrong baud rate) on the port: random
+    bytes instead of descriptors. One failed state that says so; no samples."""
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    link = tmp_path / "ttyUSB0"
+    link.symlink_to(os.ttyname(slave))
+    noise = np.random.default_rng(12).integers(0, 256, 1 << 16, dtype=np.uint8).tobytes()
+    halt = threading.Event()
+
+    def babble() -> None:
+        for k in range(0, len(noise), 64):
+            if halt.wait(0.002):
+                return
+            os.write(master, noise[k : k + 64])
+
+    talker = threading.Thread(target=babble, daemon=True)
+    talker.start()
+    source = lidar_source(link, free_port())
+    try:
+        fired, states = collect(source, EventBus())
+        wait_until(lambda: any(s.state == "failed" for s in states), 10, "a failed state")
+    finally:
+        source.stop()
+        halt.set()
+        talker.join()
+        os.close(master)
+        os.close(slave)
+    failure = next(s.detail for s in states if s.state == "failed")
+    print(failure)
+    assert "not an RPLidar" in failure or "garbage" in failure
+    assert not fired
