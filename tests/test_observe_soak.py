@@ -11,6 +11,7 @@ asserted (the machine is shared).
 
 from __future__ import annotations
 
+import os
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -39,6 +40,12 @@ WARM_UP = 100_000
 CHUNK = 10_000  # published, then drained: a steady stream the observers keep up with
 TASKS = ("slam", "signs", "speech")
 MB = 1024 * 1024
+
+
+def _rss() -> int:
+    """Resident memory of this process (SQLite's own caches included), bytes."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def _events(n: int) -> Iterator[tuple[str, object]]:
@@ -106,6 +113,7 @@ def test_a_million_events_in_bounded_memory(tmp_path: Path) -> None:
             if i == WARM_UP:
                 assert store.flush(60.0)
                 warm, _ = tracemalloc.get_traced_memory()
+                warm_rss = _rss()
                 tracemalloc.reset_peak()
                 warm_at = time.perf_counter()
     assert pipeline.drain(60.0) and store.flush(60.0)
@@ -113,6 +121,7 @@ def test_a_million_events_in_bounded_memory(tmp_path: Path) -> None:
     steady_s = time.perf_counter() - warm_at
     retained, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    end_rss = _rss()
     status = board.snapshot()
     assert pipeline.close()
     store.close(EVENTS / 1000, None)
@@ -127,6 +136,8 @@ def test_a_million_events_in_bounded_memory(tmp_path: Path) -> None:
         f"\nPython memory after {WARM_UP} events {warm / MB:.2f} MB, after {EVENTS} "
         f"{retained / MB:.2f} MB (growth {growth / MB:+.2f} MB), peak since warm-up "
         f"{peak / MB:.2f} MB; {store.rows_written} rows written"
+        f"\nresident memory (SQLite included) {warm_rss / MB:.1f} MB after warm-up, "
+        f"{end_rss / MB:.1f} MB at the end ({(end_rss - warm_rss) / MB:+.1f} MB)"
     )
     assert stats.dropped == 0 and stats.errors == {}
     assert store.rows_lost == 0 and store.rows_written > 0.95 * EVENTS
