@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import io
 import logging
 import queue
 import signal
@@ -42,7 +43,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-import yaml
+from ruamel.yaml import YAML
 
 from ctxrobot.manifest.live import Camera, Microphone, Rplidar
 from ctxrobot.model.bus import EventBus
@@ -60,6 +61,9 @@ __all__ = ["Recorder", "add_record_parser", "record"]
 PREROLL_S = 2.0  # samples kept before the session starts, to choose its first ones
 FRAME_QUEUE = 64  # frames waiting for the PNG writer (~60 MB at 640×480)
 PNG_LEVEL = 1  # fast, lossless; 640×480 ≈ 5 ms a frame
+_YAML = YAML(typ="safe", pure=True)
+_YAML.default_flow_style = False
+_YAML.sort_base_mapping_type_on_output = False  # type: ignore[assignment]  # keep the order written
 
 
 @dataclass
@@ -255,13 +259,10 @@ def _write_index(path: Path, rows: list[tuple[int, float, str]]) -> None:
 
 
 def _scenario(manifest: Any, recorder: Recorder, duration_s: float) -> str:
-    """The manifest's scenario with every recorded source replaced by its recording."""
-    from ctxrobot.manifest.yamlload import load_yaml, plain
-
+    """The manifest's scenario with every recorded source replaced by its recording; the
+    other sources are copied as written (``${VAR}`` and all)."""
     scenario_path = manifest.scenario.path
-    doc, _ = load_yaml(scenario_path.read_text(), str(scenario_path))
-    assert doc is not None  # the manifest loaded, so its scenario parses
-    sources: dict[str, Any] = plain(doc.data["sources"])
+    sources: dict[str, Any] = dict(_YAML.load(scenario_path.read_text())["sources"])
     out = recorder.out.resolve()
     for name, track in recorder.tracks.items():
         spec = track.spec
@@ -287,7 +288,9 @@ def _scenario(manifest: Any, recorder: Recorder, duration_s: float) -> str:
         "# Paths are absolute: edit them if this folder moves.\n"
     )
     body = {"version": 1, "duration_s": max(duration_s, 0.1), "sources": sources}
-    return header + yaml.safe_dump(body, sort_keys=False, width=100)
+    text = io.StringIO()
+    _YAML.dump(body, text)
+    return header + text.getvalue()
 
 
 def record(manifest: Any, out: Path, duration_s: float, stop: threading.Event) -> dict[str, Any]:
