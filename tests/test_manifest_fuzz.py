@@ -311,7 +311,7 @@ def test_hostile_manifests_give_problems_not_crashes(tmp_path: Path, monkeypatch
     spread = runs[:: len(runs) // 20]
     peaks = [_peak_memory(tmp_path / name, raw) for _, name, raw in [*slowest[:3], *spread]]
     print(
-        f"tracemalloc peak over {len(peaks)} documents (the 10 slowest): max "
+        f"tracemalloc peak over {len(peaks)} documents (the 3 slowest among them): max "
         f"{max(peaks) / 2**20:.1f} MB, median {statistics.median(peaks) / 2**20:.1f} MB"
     )
     assert max(peaks) < MEMORY_LIMIT

@@ -155,11 +155,20 @@ def _fields(tp: Any) -> list[str]:
     return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
 
 
+def _bounds(annotation: Any) -> list[Any]:
+    """Constraints inside ``annotation`` (as in ``Annotated[float, Field(le=1)] | None``)."""
+    if typing.get_origin(annotation) is Annotated:
+        inner, *extra = typing.get_args(annotation)
+        found = [m for item in extra for m in getattr(item, "metadata", [item])]
+        return found + _bounds(inner)
+    return [b for arg in typing.get_args(annotation) for b in _bounds(arg)]
+
+
 def _range(tp: Any, name: str) -> str:
     """`` between 0.1 and 3600`` from a field's bounds, or nothing."""
     field = _field(tp, name)
     low = high = None
-    for bound in field.metadata if field is not None else ():
+    for bound in [*field.metadata, *_bounds(field.annotation)] if field is not None else ():
         if isinstance(bound, annotated_types.Ge | annotated_types.Gt):
             low = getattr(bound, "ge", getattr(bound, "gt", None))
         if isinstance(bound, annotated_types.Le | annotated_types.Lt):
@@ -222,7 +231,7 @@ def _key_message(e: _Error) -> tuple[Pos, str]:
         return pos, bad_name(e.where, e.name)
     if e.kind == "string_too_long":
         return pos, f"{e.where}: the key is longer than {e.ctx.get('max_length')} characters"
-    fixed = re.sub(r"\W", "_", e.name).upper()[:40]
+    fixed = re.sub(r"\W", "_", e.name).upper().lstrip("0123456789")[:40] or "NAME"
     return pos, (
         f"{shown(e.name)} in {dotted(e.path[:-1])} is not a valid environment variable name; "
         f"use letters, digits and '_', not starting with a digit (e.g. {fixed!r})"

@@ -9,8 +9,9 @@ ruamel.yaml parses (YAML 1.2) and its round-trip constructor builds ``CommentedM
 - the composer counts every value as the document *expands* through aliases and stops at
   :data:`MAX_NODES` (a nine-level "billion laughs" bomb is refused after 10 000 values,
   not built), refuses an alias used inside the value it names (a value cannot contain
-  itself), lets ruamel's ``max_depth`` stop nesting at :data:`MAX_DEPTH` (Python's own
-  recursion limit is far deeper), and gives up after :data:`MAX_CPU_SECONDS` of CPU;
+  itself), stops nesting at :data:`MAX_DEPTH` (ruamel's ``max_depth``, and the scanner
+  for ``[[[…``, far below Python's recursion limit), and gives up after
+  :data:`MAX_CPU_SECONDS` of CPU;
 - only plain YAML 1.2 is read: no ``%TAG`` or other ``%YAML`` version, and explicit tags
   only where they agree with the value (``!!str``, ``!!int 5``); ``!!timestamp``,
   ``!!binary``, ``!foo`` and friends are problems, not crashes;
@@ -281,7 +282,7 @@ class _Composer(Composer):
         elif tag.handle is None:  # verbatim: !<tag:yaml.org,2002:int>
             full, written = tag.suffix, f"!<{tag.suffix}>"
         else:
-            full, written = None, tag.handle + tag.suffix
+            full, written = None, f"{tag.handle}{tag.suffix or ''}"
         if isinstance(node, ScalarNode):
             plain = str(self.resolver.resolve(ScalarNode, node.value, (True, False)))
             if full == _STR or (full in (_INT, _FLOAT, _BOOL, _NULL) and full == plain):
