@@ -12,14 +12,13 @@ import time
 from pathlib import Path
 
 import cv2
-import pytest
 
 from ctxrobot.manifest.live import Camera
 from ctxrobot.model.bus import EventBus
 from ctxrobot.model.events import SourceStateChanged
 from ctxrobot.streams.live.camera import CameraSource
 from ctxrobot.streams.source import Fired
-from tests.conftest import require_data, require_image
+from tests.conftest import require_data, require_image, skip_unless_ci
 from tests.test_live_support import (
     MjpegCamera,
     free_port,
@@ -175,7 +174,7 @@ def test_camera_offline_mid_run_keeps_the_run_going(tmp_path: Path) -> None:
 
 def test_gstreamer_pipeline_frames_at_the_requested_size() -> None:
     if shutil.which("gst-launch-1.0") is None:
-        pytest.skip("gst-launch-1.0 is not installed (apt install gstreamer1.0-tools)")
+        skip_unless_ci("gst-launch-1.0 is not installed (apt install gstreamer1.0-tools)")
     source = camera(
         None,
         pipeline="videotestsrc is-live=true pattern=ball ! video/x-raw,framerate=30/1",
