@@ -502,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ctxrobot.bench.bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    from ctxrobot.bench.sim.cli import add_sim_parser
+
+    add_sim_parser(sub)
     return parser
 
 
