@@ -81,8 +81,8 @@ def test_run_refuses_an_invalid_manifest_before_touching_docker(tmp_path: Path) 
 
 def test_ctl_without_a_daemon_says_how_to_start_one(tmp_path: Path) -> None:
     proc = ctxrobot("ctl", "--socket", str(tmp_path / "none.sock"), "status")
-    assert proc.returncode == 1
-    assert "ctxrobot daemon" in proc.stderr
+    assert proc.returncode == 2
+    assert "ctxrobot daemon" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_ctl_override_needs_name_equals_value(tmp_path: Path) -> None:

@@ -86,6 +86,7 @@ class Daemon:
                 policy=options.policy,
                 metrics_port=options.metrics_port,
                 loop=True,
+                group=options.read_group,
             ),
         )
         self.board = StatusBoard(

@@ -29,6 +29,7 @@ from ctxrobot.model.bus import EventBus
 from ctxrobot.model.errors import DataMissingError
 from ctxrobot.model.events import TaskStateChanged, UsageSampled
 from ctxrobot.observe.metrics import MetricsExporter
+from ctxrobot.observe.paths import prepare_run_folder
 from ctxrobot.observe.pipeline import ObserverPipeline
 from ctxrobot.observe.readers import summarize
 from ctxrobot.observe.store import RunStore
@@ -62,6 +63,7 @@ class RunOptions:
     connect_timeout_s: float = 180.0  # model loading on a Pi takes a while
     metrics_port: int | None = None
     loop: bool = False  # the daemon replays its scenario until stopped
+    group: str | None = None  # owner group of the run folder and run.db (the daemon's readers)
 
     def __post_init__(self) -> None:
         # The run folder becomes bind-mount sources (task sockets) and is logged for the
@@ -133,13 +135,15 @@ class Runtime:
             raise
 
     def _start(self) -> None:
+        for warning in self.manifest.warnings:
+            log.warning("%s", warning)
         data = self.manifest.data_dir
         if not data.is_dir():
             raise DataMissingError(
                 f"data folder {data} not found: set CTXROBOT_DATA to the shared data folder "
                 "(it holds slam/, signs/, speech/), or download it with `ctxrobot data fetch`"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = prepare_run_folder(self.run_dir, self.options.group)
         scenario = self.manifest.scenario
         duration = self.options.duration_s or scenario.duration_s
         # Replay data are read and decoded before anything starts: no disk I/O while playing.
@@ -161,6 +165,7 @@ class Runtime:
                 (t.name, t.image, t.deadline_ms, t.resources.cpu_min, t.resources.cpu_max)
                 for t in self.tasks
             ],
+            group=self.options.group,
         )
         self.observers.add(self.store, "store")
         self.backend = DockerBackend()
@@ -186,6 +191,7 @@ class Runtime:
         self._cpu_play = _own_cpu_s()
         self.player.start(self.t_play)
         for source in self.live_sources:
+            source.attach(self.bus)
             source.start(self._emit)
         log.info(
             "run %s started: %d task(s), policy %s", self.run_id, len(self.tasks), self.policy_name
@@ -451,23 +457,26 @@ class Runtime:
             self.task_summaries[name] = channel.finish(timeout_s=10.0)
         for stop in self._extra_stops:
             stop()
-        if self.backend is not None:
-            self.backend.cleanup(self.run_id)
-        if self.parent is not None:
-            self.parent.remove()
-        if self._guard is not None:
-            guard.release(self._guard)
-        # Every producer has stopped: let the observers finish what is queued, then close them.
-        self.observers.close()
-        if self.metrics is not None:
-            self.metrics.close()
-        summary = None
-        if self.store is not None:
-            duration = self.t_end - self.t0
-            extra = self._run_figures()
-            self.store.close(duration, {"task_summaries": self.task_summaries, **extra})
-            summary = {**summarize(self.store.path), **extra}
-        self.bus.close()
+        try:
+            # Every producer has stopped: the observers finish what is queued, and the run's
+            # end is recorded before anything below can fail (store.close never raises).
+            self.observers.close()
+            if self.metrics is not None:
+                self.metrics.close()
+            summary = None
+            if self.store is not None:
+                duration = self.t_end - self.t0
+                extra = self._run_figures()
+                self.store.close(duration, {"task_summaries": self.task_summaries, **extra})
+                summary = {**summarize(self.store.path), **extra}
+        finally:
+            if self.backend is not None:
+                self.backend.cleanup(self.run_id)
+            if self.parent is not None:
+                self.parent.remove()
+            if self._guard is not None:
+                guard.release(self._guard)
+            self.bus.close()
         return summary
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from ctxrobot.model.bus import EventBus
 from ctxtask.protocol import Sample
 
 __all__ = ["Emit", "Fired", "LiveSource"]
@@ -36,13 +37,17 @@ class Emit(Protocol):
 
 class LiveSource(Protocol):
     """A device read on its own thread until stopped (py_trees-style lifecycle: the
-    runtime calls ``start`` once every task is ready, ``stop`` once at the end).
+    runtime calls ``attach`` and ``start`` once every task is ready, ``stop`` once at the end).
 
     Device faults are not exceptions: the source publishes a ``SourceStateChanged`` (topic
-    ``source.state``) through ``emit``'s bus, logs one line and reopens with back-off.
+    ``source.state``) on the bus it was attached to, logs one line and reopens with back-off.
     """
 
     name: str
+
+    def attach(self, bus: EventBus) -> None:
+        """The bus for the source's state changes (and, for ``pose_odometry``, the task
+        results it turns into odometry)."""
 
     def start(self, emit: Emit) -> None:
         """Open the device and begin emitting; returns at once."""
