@@ -19,6 +19,8 @@ MODEL_SUBPATH = Path("classifier-tflite") / "traffic_sign_model.tflite"
 LABELS_SUBPATH = Path("classifier-tflite") / "labels.csv"
 CASCADE_SUBPATH = Path("cascades") / "stopsign_classifier.xml"
 PATH_KEYS = ("models", "model", "labels", "cascade")
+#: Test-time views of the GTSRB classifier, chosen by cross-validation (``signs.tune``).
+CLASSIFIER_VIEWS: tuple[str, ...] = ("plain", "inner", "equalised")
 
 
 def default_models_dir() -> Path:
@@ -31,7 +33,9 @@ def build_classifier(
 ) -> SignClassifier:
     """The GTSRB classifier from a models folder; explicit file paths override its defaults."""
     return SignClassifier(
-        model or models_dir / MODEL_SUBPATH, labels or models_dir / LABELS_SUBPATH
+        model or models_dir / MODEL_SUBPATH,
+        labels or models_dir / LABELS_SUBPATH,
+        CLASSIFIER_VIEWS,
     )
 
 
@@ -50,6 +54,9 @@ def build_detector(
 
 class SignsTask(Task):
     """Detects stop signs in each `frame` sample.
+
+    Each result is ``{"name": the frame's meta name (the replayed photo's file name, None
+    from a live camera), "detections": [Detection.as_dict(), ...]}``.
 
     Config keys (all optional): ``models`` (folder with ``cascades/`` and
     ``classifier-tflite/``, default ``$CTXROBOT_DATA/signs``), ``model``, ``labels`` and
@@ -95,7 +102,9 @@ class SignsTask(Task):
         self._frames += 1
         self._frames_with_stop += bool(detections)
         self._detections += len(detections)
-        return {"detections": [d.as_dict() for d in detections]}
+        # The frame's name (the replayed photo's file name) lets a run be scored afterwards
+        # against the photo's annotation (`ctxtask.datasets.signs.score_run`).
+        return {"name": sample.meta.get("name"), "detections": [d.as_dict() for d in detections]}
 
     def terminate(self) -> dict[str, Any]:
         return {

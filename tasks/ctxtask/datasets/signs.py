@@ -16,20 +16,25 @@ assume particular file names or counts.
 
 The host runtime replays street photos as a camera stream with `camera_frame`, and the signs
 task evaluates on exactly those frames, so what is measured is what the robot would see.
+`score_run` scores what the signs task reported during such a replay (quality in the loop).
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
 FRAME_SIZE = (640, 480)  # (width, height) of the robot camera frames
 GTSRB_CLASSES = 43
+STOP_CLASS_ID = 14  # GTSRB's "Stop"
 # Original GTSRB folders keep their CSV inside Images/; only these count as crops.
 IMAGE_SUFFIXES = frozenset({".ppm", ".png", ".jpg", ".jpeg", ".bmp"})
 GT_COLUMNS = ("Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId")
@@ -249,3 +254,52 @@ def load_classification_set(folder: Path) -> list[SignCrop]:
             f"e.g. {unlabelled[0]}"
         )
     return [labels[p.name] for p in images]
+
+
+def score_run(results: Sequence[Mapping[str, Any]], dataset_dir: Path | str) -> dict[str, Any]:
+    """Stop-sign recall and precision of what the signs task reported during one run.
+
+    ``results`` are the task's result dicts in sample-id order, as it returned them; dropped
+    samples are simply missing, and a result with a ``"shed"`` key was not processed, so it
+    is not scored. Each result names its frame (``name``: the replayed photo's file name)
+    and lists its ``detections``. A photo shows a Stop sign when its annotation in
+    ``dataset_dir`` (a detection folder) has a ``stop`` box.
+
+    Scored **per frame**, as the robot experiences it: a Stop photo held for 3 s at 30 fps
+    is 90 chances to see it, and recall is the fraction of those frames on which a Stop was
+    reported; precision is the fraction of frames with a Stop reported that showed one.
+    Returns ``{"stop_recall", "stop_precision", "frames", "stop_frames"}``: ``frames`` were
+    scored, ``stop_frames`` of them showed a Stop photo; a ratio is NaN when its
+    denominator is 0. Raises ``ValueError`` when a result names no frame or a photo the
+    folder has no annotation for.
+    """
+    folder = Path(dataset_dir)
+    has_stop = {
+        item.image_path.name: bool(item.boxes_of("stop")) for item in load_detection_set(folder)
+    }
+    tp = fp = fn = frames = 0
+    for index, result in enumerate(results):
+        if "shed" in result:
+            continue
+        name = result.get("name")
+        if not isinstance(name, str):
+            raise ValueError(
+                f"result {index} names no frame (no 'name'): score results of a signs task "
+                "that echoes the frame's name, from a replayed camera"
+            )
+        if name not in has_stop:
+            raise ValueError(
+                f"result {index} shows {name!r}, which has no annotation in "
+                f"{folder / 'annotations'}; score the run against the detection folder it replayed"
+            )
+        found = any(d.get("class_id") == STOP_CLASS_ID for d in result.get("detections", ()))
+        frames += 1
+        tp += has_stop[name] and found
+        fp += found and not has_stop[name]
+        fn += has_stop[name] and not found
+    return {
+        "stop_recall": tp / (tp + fn) if tp + fn else math.nan,
+        "stop_precision": tp / (tp + fp) if tp + fp else math.nan,
+        "frames": frames,
+        "stop_frames": tp + fn,
+    }
