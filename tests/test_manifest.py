@@ -417,3 +417,25 @@ def test_merge_keys_override_without_duplicate_errors(fake_data: Path, tmp_path:
         ("slam", "ctxrobot/slam", "lidar"),
         ("signs", "ctxrobot/slam", "camera"),
     ]
+
+
+def test_a_task_cannot_read_a_source_without_samples(tmp_path: Path, fake_data: Path) -> None:
+    """pose_odometry turns a task's poses into odometry for the context; it has no samples."""
+    (tmp_path / "scenario.yaml").write_text(
+        "version: 1\nduration_s: 10\nsources:\n"
+        "  pose: {kind: pose_odometry, task: slam}\n"
+        "  mic: {kind: audio_replay, play: [{at_s: 1.0, file: speech/audio/ps_goforward.wav}]}\n"
+    )
+    robot = tmp_path / "robot.yaml"
+    robot.write_text(
+        "version: 1\nrobot: {name: rover}\ndata_dir: ${CTXROBOT_DATA}\nscenario: scenario.yaml\n"
+        "tasks:\n  - {name: slam, image: ctxrobot/slam, input: pose}\n"
+    )
+    messages = [(p.line, p.message) for p in validate_file(robot)]
+    assert messages == [
+        (
+            6,
+            "task input 'pose' is a pose_odometry source, which makes odometry for the context "
+            "but no samples; give the task a sensor source",
+        )
+    ]

@@ -16,6 +16,9 @@ from ctxrobot.manifest.problems import Problem, shown
 from ctxrobot.manifest.yamlload import YamlDoc
 from ctxrobot.sched.rules import SIGNAL_PROVIDERS, ExpressionError, compile_expression
 
+#: Source kinds that publish context readings but no samples a task could process.
+_NO_SAMPLES = frozenset({"pose_odometry"})
+
 
 def number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
@@ -107,6 +110,7 @@ class Checker:
                 )
 
     def manifest(self, sources: Mapping[str, object] | None, scenario_file: str) -> None:
+        """``sources``: each scenario source's kind."""
         data = self.doc.data
         tasks = self.unique_names("tasks", "task")
         self.unique_names("rules", "rule")
@@ -118,6 +122,12 @@ class Checker:
                     ("tasks", i, "input"),
                     f"task input {shown(name)} is not a source of {scenario_file}; "
                     f"{did_you_mean(name, list(sources))}sources: {_listed(list(sources))}",
+                )
+            elif sources is not None and isinstance(name, str) and sources[name] in _NO_SAMPLES:
+                self.add(
+                    ("tasks", i, "input"),
+                    f"task input {shown(name)} is a {sources[name]} source, which makes "
+                    "odometry for the context but no samples; give the task a sensor source",
                 )
             resources = task.get("resources")
             cpu_min = resources.get("cpu_min", 0.05) if isinstance(resources, dict) else 0.05

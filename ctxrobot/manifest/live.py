@@ -18,6 +18,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+#: A device by name or path (camera URL, sound card name) or by index.
+DeviceName = Annotated[str, Field(max_length=4096)]
+DeviceIndex = Annotated[int, Field(ge=0, le=63)]
+
 _MODEL = ConfigDict(extra="forbid", strict=True, frozen=True)
 # Streams OpenCV's FFmpeg backend opens for IP cameras.
 CAMERA_URL_SCHEMES = ("rtsp", "rtsps", "http", "https", "rtmp", "udp", "tcp")
@@ -30,11 +34,16 @@ class Camera(BaseModel):
 
     model_config = _MODEL
     kind: Literal["camera"]
-    device: str | Annotated[int, Field(ge=0)] | None = Field(
-        None, description="/dev/video0, an index such as 0, rtsp://… or http://… or a video file"
+    device: Annotated[str, Field(max_length=4096)] | Annotated[int, Field(ge=0, le=63)] | None = (
+        Field(
+            None,
+            description="/dev/video0, an index such as 0, rtsp://… or http://… or a video file",
+        )
     )
-    pipeline: str | None = Field(None, description="a GStreamer pipeline, instead of device")
-    fps: Annotated[float, Field(gt=0, le=120)] = 30.0
+    pipeline: Annotated[str, Field(max_length=4096)] | None = Field(
+        None, description="a GStreamer pipeline, instead of device"
+    )
+    fps: Annotated[float, Field(ge=1, le=120)] = 30.0
     size: tuple[Annotated[int, Field(ge=16, le=8192)], Annotated[int, Field(ge=16, le=8192)]] = (
         640,
         480,
@@ -82,8 +91,8 @@ class Microphone(BaseModel):
 
     model_config = _MODEL
     kind: Literal["microphone"]
-    device: str | Annotated[int, Field(ge=0)] | None = Field(
-        None, description="device name (or part of it) or index; default: the system default"
+    device: Annotated[str, Field(max_length=4096)] | Annotated[int, Field(ge=0, le=63)] | None = (
+        Field(None, description="device name (or part of it) or index; default: the system default")
     )
     chunk_ms: Annotated[int, Field(ge=10, le=1000)] = 100
 
@@ -105,7 +114,7 @@ class OdometryFeed(BaseModel):
         None, description="HOST:PORT to listen on, e.g. 0.0.0.0:5600 (or 127.0.0.1:5600)"
     )
     serial: str | None = Field(None, description="serial device, e.g. /dev/ttyACM0")
-    baud: Annotated[int, Field(gt=0)] = 115200
+    baud: Annotated[int, Field(ge=1200, le=4_000_000)] = 115200
 
     @field_validator("udp")
     @classmethod
