@@ -10,17 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ctxrobot.bench.sim.calibrate import calibrate
 from ctxrobot.bench.sim.engine import Envelope, Simulation
-from ctxrobot.bench.sim.trace import (
-    RecordedRun,
-    RecordedSample,
-    SampleCost,
-    TaskTrace,
-    Trace,
-    load_trace,
-    sample_cpu,
-)
+from ctxrobot.bench.sim.trace import SampleCost, TaskTrace, Trace, load_trace, sample_cpu
 from ctxrobot.bench.sim.workload import Reading, Workload
 from ctxrobot.manifest.schema import Manifest, load_manifest
 from ctxrobot.model.events import CameraFrame, Odometry
@@ -171,25 +162,3 @@ def test_command_line(tmp_path: Path) -> None:
     wrong = ctxrobot("sim", "--trace", str(bad), "--load", "1")
     assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
     assert "not a ctxrobot-sim-trace/1 file" in wrong.stderr
-
-
-def test_calibration_charges_the_extra_cpu_of_an_enveloped_run_to_its_stalls(
-    robot: Manifest,
-) -> None:
-    # Alone in 0.1 CPU (1 ms per 10 ms), 20 frames that cost 5 ms each on a free core
-    # were charged 6 ms each: the 20 ms extra went to the stalls between 1 ms bursts.
-    work = Workload(4.0, {"camera": camera(20, 5.0)})
-    trace = costing(0.005, signs="camera")
-    samples = [
-        RecordedSample(i, i / 5.0, i / 5.0, i / 5.0 + 0.05, 0.006, 1.0, "{}") for i in range(20)
-    ]
-    run = RecordedRun(Path("enveloped"), robot, work, "cfs", 0.1, True, {"signs": samples}, {})
-    assert run.in_envelope
-    calibrated = calibrate(trace, [run]).task("signs")
-    # Each frame: 1 ms per period; with c ms lost per stall, 5 ms + k·c of work fits in
-    # k + 1 periods: at c = 0.2 ms, five stalls a frame, 100 in all, 100 × 0.2 = 20 ms.
-    assert calibrated.resume_s == pytest.approx(0.0002, rel=0.01)
-    assert calibrated.check["resume_runs"] == 1
-    # With it, the simulated run uses about what the real one did.
-    again = Simulation(robot, "cfs", ["signs"], work, calibrate(trace, [run]), Envelope(2, 0.1))
-    assert again.run().cpu_s["signs"] == pytest.approx(20 * 0.006, rel=0.05)

@@ -135,13 +135,3 @@ def test_a_bandwidth_grid_starts_at_zero_whenever_it_is_made() -> None:
     assert budget.spent
     budget.refill(0.03)
     assert budget.left == pytest.approx(3 * MS)
-
-
-def test_a_task_pays_its_resume_cost_after_each_stall() -> None:
-    # 6 ms of work in 3 ms per 10 ms, 1 ms lost after each stall: 3 ms, stall, 1 + 2 ms,
-    # stall, 1 + 1 ms: done at 22 ms after two stalls (13 ms without the cost).
-    cpus = Cpus(2, ["a"], Bandwidth(3 * MS, 10 * MS), resume_s={"a": 1 * MS})
-    cpus.start("a", 6 * MS)
-    assert run_until_done(cpus) == {"a": pytest.approx(22 * MS)}
-    assert cpus.resumes == {"a": 2}
-    assert cpus.used_s["a"] == pytest.approx(8 * MS)  # the cost is CPU the cgroup sees

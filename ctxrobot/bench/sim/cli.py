@@ -1,8 +1,7 @@
 """``ctxrobot sim``: the policies in a simulated envelope, in seconds of virtual time.
 
 ``ctxrobot sim --trace RUN_DIR... --save-trace FILE`` builds a service-time trace from
-recorded runs (best isolated ones: ``ctxrobot run --only TASK --no-drop``, and the same in
-an envelope, ``--cpus X``, for what a stall costs);
+recorded runs (best isolated ones: ``ctxrobot run --only TASK --no-drop``);
 ``ctxrobot sim --trace FILE|RUN_DIR... --load L`` (or ``--cpus X``) simulates the manifest's
 scenario under each policy with the real scheduler core in the loop. See docs/sim.md.
 """
@@ -100,8 +99,7 @@ def add_sim_parser(subparsers: Any) -> None:
 
 
 def _trace(paths: list[str]) -> Any:
-    from ctxrobot.bench.sim.calibrate import trace_from_runs
-    from ctxrobot.bench.sim.trace import load_trace
+    from ctxrobot.bench.sim.trace import load_trace, trace_from_runs
     from ctxrobot.observe.schema import DB_NAME
 
     given = [Path(p) for p in paths]
@@ -131,12 +129,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
         trace.save(Path(args.save_trace))
         print(f"trace: {args.save_trace} ({', '.join(trace.tasks)})", file=sys.stderr)
         for name, task in trace.tasks.items():
-            check = task.check
-            if check:
-                print(
-                    f"  {name}: {_check_line(check)}; a stall costs {task.resume_s * 1e3:.3f} ms",
-                    file=sys.stderr,
-                )
+            if task.check:
+                print(f"  {name}: {_check_line(task.check)}", file=sys.stderr)
     if args.load is None and args.cpus is None:
         if args.save_trace:
             return EXIT_OK

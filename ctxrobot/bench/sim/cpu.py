@@ -16,10 +16,6 @@ assumes, each in one line (``docs/sim.md`` says why, and where it is known to be
 - **cpu.idle**: a SCHED_IDLE task gets only CPU time no other task wants.
 - **cpuset**: a task runs only on the CPUs listed.
 - **Freezing** stops a task at once; its job keeps the work it has left.
-- **A stall costs CPU.** A task that runs again after a stall (its quota or the
-  envelope's spent, or frozen) first pays ``resume_s`` CPU-seconds of extra work: what it
-  finds cold (caches, TLB) after other work ran in its place. Per task, measured by
-  ``ctxrobot.bench.sim.calibrate``; 0 when not measured.
 """
 
 from __future__ import annotations
@@ -166,7 +162,6 @@ class Cpus:
         tasks: Sequence[str],
         envelope: Bandwidth | None = None,
         task_period_s: float = 0.1,
-        resume_s: Mapping[str, float] | None = None,
     ) -> None:
         if ncpus < 1:
             raise ValueError(f"a machine needs at least one CPU, got {ncpus}")
@@ -176,9 +171,6 @@ class Cpus:
         self.now = 0.0
         self.used_s = dict.fromkeys(tasks, 0.0)
         self.limits = {t: Limits() for t in tasks}
-        self.resume_s = dict(resume_s or {})
-        self.resumes = dict.fromkeys(tasks, 0)  # stalls each task came back from
-        self._stalled: set[str] = set()
         self._caps: dict[str, Bandwidth] = {}
         self._jobs: dict[str, _Job] = {}
         self._rates: dict[str, float] | None = None
@@ -214,22 +206,17 @@ class Cpus:
         return self._rates
 
     def _compute_rates(self) -> dict[str, float]:
-        envelope_spent = self.envelope is not None and self.envelope.spent
+        if self.envelope is not None and self.envelope.spent:
+            return {}
         everywhere = frozenset(range(self.ncpus))
-        claims, stalled = [], set()
+        claims = []
         for task, job in self._jobs.items():
             lim = self.limits[task]
             cap = self._caps.get(task)
-            if lim.frozen or envelope_spent or (cap is not None and cap.spent):
-                stalled.add(task)
-            elif job.left_s > EPS_CPU_S:
-                cpus = everywhere if lim.cpuset is None else lim.cpuset
-                claims.append(Claim(task, lim.shares, min(job.width, len(cpus)), cpus, lim.idle))
-        for task in self._stalled - stalled:
-            if task in self._jobs:  # back from a stall: its caches are cold
-                self._jobs[task].left_s += self.resume_s.get(task, 0.0)
-                self.resumes[task] += 1
-        self._stalled = stalled
+            if lim.frozen or (cap is not None and cap.spent) or job.left_s <= EPS_CPU_S:
+                continue
+            cpus = everywhere if lim.cpuset is None else lim.cpuset
+            claims.append(Claim(task, lim.shares, min(job.width, len(cpus)), cpus, lim.idle))
         return {t: r for t, r in fair_rates(claims, self.ncpus).items() if r > 0}
 
     def next_event(self) -> float | None:

@@ -11,9 +11,8 @@ What a run does, and how each part is stood in for:
   one sample in flight; the rate gate (the runtime's own ``RateGate``) and ``stale: skip``
   shed samples as they would go out;
 - **tasks**: a sample reaches its task ``dispatch_s`` after it goes out (host delivery,
-  from the trace) and then needs its traced CPU (``ctxrobot.bench.sim.cpu``), plus the
-  task's ``resume_s`` after each stall; its result carries what the real result told the
-  core (``shed``, ``detections``);
+  from the trace) and then needs its traced CPU (``ctxrobot.bench.sim.cpu``); its result
+  carries what the real result told the core (``shed``, ``detections``);
 - **the core** (``build_core``, exactly as a run builds it) gets the sensor events, the
   results, the drops and a ``UsageSampled`` every ``usage_period_s``, and a ``Tick`` when
   it asked for one; its ``ApplyAllocation`` becomes cgroup limits in the CPU model (as
@@ -164,7 +163,6 @@ class Simulation:
             tasks,
             None if quota is None else Bandwidth(quota, envelope.period_s),
             envelope.task_period_s,
-            resume_s={name: trace.task(name).resume_s for name in tasks},
         )
         self.record = SimRecord(policy, list(tasks), cpu_s=self.cpus.used_s)
         self.channels = {

@@ -38,7 +38,15 @@ from typing import Any
 from ctxrobot.bench.sim.workload import Reading, Workload, load_workload
 from ctxrobot.model.errors import UserError
 
-__all__ = ["TRACE_FORMAT", "SampleCost", "TaskTrace", "Trace", "build_trace", "load_trace"]
+__all__ = [
+    "TRACE_FORMAT",
+    "SampleCost",
+    "TaskTrace",
+    "Trace",
+    "build_trace",
+    "load_trace",
+    "trace_from_runs",
+]
 
 TRACE_FORMAT = "ctxrobot-sim-trace/1"
 #: The runtime's usage sampler period (``ctxrobot.service.runtime.USAGE_PERIOD_S``): the
@@ -74,7 +82,6 @@ class TaskTrace:
     samples: Mapping[str, SampleCost]
     kinds: Mapping[str, SampleCost]
     check: Mapping[str, float] = field(default_factory=dict)
-    resume_s: float = 0.0  # CPU a stall costs it (ctxrobot.bench.sim.calibrate)
 
     def cost(self, reading: Reading) -> SampleCost | None:
         """The cost of ``reading``'s sample; None when neither its key nor its kind is known."""
@@ -104,7 +111,6 @@ class Trace:
                 name: {
                     "source": t.source,
                     "dispatch_ms": round(t.dispatch_s * 1e3, 3),
-                    "resume_ms": round(t.resume_s * 1e3, 4),
                     "check": dict(t.check),
                     "kinds": {k: _encode(c) for k, c in t.kinds.items()},
                     "samples": {k: _encode(c) for k, c in t.samples.items()},
@@ -151,7 +157,6 @@ def load_trace(path: Path) -> Trace:
             samples={k: _decode(v) for k, v in t["samples"].items()},
             kinds={k: _decode(v) for k, v in t["kinds"].items()},
             check=t.get("check", {}),
-            resume_s=float(t.get("resume_ms", 0.0)) / 1e3,
         )
         for name, t in doc["tasks"].items()
     }
@@ -179,16 +184,8 @@ class RecordedRun:
     path: Path
     manifest: Any
     workload: Workload
-    policy: str
-    machine_cpus: float  # what shares referred to: the envelope (--cpus) or the robot's CPUs
-    no_drop: bool
     samples: Mapping[str, list[RecordedSample]]
     cgroup_cpu_s: Mapping[str, float]
-
-    @property
-    def in_envelope(self) -> bool:
-        """Whether its tasks ran confined to fewer CPUs than the robot has (throttled)."""
-        return self.machine_cpus < float(self.manifest.robot.cpus)
 
 
 def sample_cpu(
@@ -300,17 +297,7 @@ def read_recorded(run: Path, cache: dict[Any, Any]) -> RecordedRun:
             )
             for (sid, t_sensor, t_start, t_end, result), cpu in zip(rows[task], costs, strict=True)
         ]
-    summary = json.loads(row["summary_json"] or "{}")
-    return RecordedRun(
-        run,
-        manifest,
-        workload,
-        row["policy"],
-        shares_of,
-        bool(summary.get("no_drop")),
-        samples,
-        cgroup,
-    )
+    return RecordedRun(run, manifest, workload, samples, cgroup)
 
 
 @dataclass
@@ -383,3 +370,9 @@ def build_trace(runs: Sequence[RecordedRun]) -> Trace:
             check={k: round(v, 4) for k, v in seen.check.items()},
         )
     return Trace(tasks, [str(r.path) for r in runs])
+
+
+def trace_from_runs(paths: Sequence[Path]) -> Trace:
+    """A trace from run folders (each run's manifest and scenario are read once)."""
+    cache: dict[Any, Any] = {}
+    return build_trace([read_recorded(path, cache) for path in paths])
