@@ -9,6 +9,7 @@ scenario under each policy with the real scheduler core in the loop. See docs/si
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -57,6 +58,7 @@ def add_sim_parser(subparsers: Any) -> None:
         help="robot manifest (default: config/robot.yaml)",
     )
     p.add_argument("--scenario", metavar="PATH", help="scenario (default: the manifest's)")
+    p.add_argument("--only", metavar="TASKS", help="simulate only these tasks (comma-separated)")
     p.add_argument(
         "--trace",
         nargs="+",
@@ -124,6 +126,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
             manifest = with_scenario(manifest, args.scenario)
     except ManifestError as err:
         raise UserError(str(err)) from None
+    if args.only:
+        manifest = _only(manifest, args.only.split(","))
     trace = _trace(args.trace)
     if args.save_trace:
         trace.save(Path(args.save_trace))
@@ -163,6 +167,17 @@ def cmd_sim(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc))
     return EXIT_OK if all(r["complete"] for r in results.values()) else EXIT_FAILED
+
+
+def _only(manifest: Any, names: list[str]) -> Any:
+    """The manifest with only the tasks ``names`` (as ``ctxrobot run --only``)."""
+    known = [t.name for t in manifest.tasks]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise UserError(
+            f"--only names unknown task(s) {', '.join(unknown)}; tasks: {', '.join(known)}"
+        )
+    return dataclasses.replace(manifest, tasks=[t for t in manifest.tasks if t.name in names])
 
 
 def _check_line(check: dict[str, float]) -> str:

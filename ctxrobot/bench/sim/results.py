@@ -143,6 +143,17 @@ def render(doc: Mapping[str, Any]) -> str:
         + ("No dropping (every queue blocks)." if doc["no_drop"] else "Queues as the manifest.")
         + " Virtual time; latencies in ms.",
         "",
+    ]
+    first = next(iter(doc["policies"].values()), {"tasks": {}})
+    unseen = {t: s["costed_by_kind"] for t, s in first["tasks"].items() if s["costed_by_kind"]}
+    if unseen:
+        counts = ", ".join(f"{t} {n}" for t, n in unseen.items())
+        lines += [
+            f"Samples whose content the trace has not seen, costed at their kind's median: "
+            f"{counts}; record runs of this scenario for their own costs.",
+            "",
+        ]
+    lines += [
         "| policy | total s | critical p99 | ×cfs | decisions | sim s |",
         "|---|---|---|---|---|---|",
     ]
