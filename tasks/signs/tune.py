@@ -50,11 +50,13 @@ from signs.task import CASCADE_SUBPATH, CLASSIFIER_VIEWS, build_classifier
 DEFAULT_SEED = 2024
 
 #: Every decision threshold tried; the shipped defaults are among them. The street photos
-#: hold no false alarm to learn from (no negative has a cascade detection, an octagon or a
-#: confirmation), so the cost always falls toward the loosest thresholds; the grid stops
-#: where prior knowledge says evidence gets too thin: P(Stop) below 0.5 would overrule the
-#: classifier's own verdict, and a whole-frame cascade "detection" of two windows is what
-#: its false hits on textured background look like (OpenCV's default asks for four).
+#: hold no near false alarm to learn from (speed-limit rings pass the octagon test and a
+#: few 3-window cascade detections occur, all at P(Stop) <= 0.05; no red region on a
+#: negative is ever confirmed), so the cost always falls toward the loosest thresholds.
+#: The grid stops where prior knowledge says evidence gets too thin: P(Stop) below 0.5
+#: would overrule the classifier's own verdict, and a whole-frame cascade "detection" of
+#: two windows is what its false hits on textured background look like (OpenCV's default
+#: asks for four).
 DETECTOR_GRID: dict[str, tuple[float, ...]] = {
     "min_score": (0.5, 0.7, 0.9, 0.97),
     "cascade_min_neighbors": (2, 3, 4, 5),
@@ -164,8 +166,8 @@ def choose_thresholds(
     """The centre of the settings within one standard error of the lowest cost.
 
     Cost is the error rate on the photos plus that on their variants. The photos hold no
-    false alarm to learn from (no cascade window, octagon or confirmation fires on any
-    negative), so the lowest cost always goes to the loosest thresholds, which buy a few
+    near false alarm to learn from (see `DETECTOR_GRID`), so the lowest cost always goes to
+    the loosest thresholds, which buy a few
     far or cut signs; settings within one standard error of it are as good as the data can
     tell, and their centre keeps a margin on both sides.
     """
