@@ -34,7 +34,7 @@ from ctxtask.datasets.speech import (
     word_errors,
 )
 from ctxtask.protocol import Sample
-from speech import commands, evaluate
+from speech import commands, evaluate, tune
 from speech.recognizer import RecognizerError, create_recognizer
 from speech.stream import StreamingRecognizer
 from speech.task import SpeechTask
@@ -302,6 +302,41 @@ def test_unknown_engine_and_mode() -> None:
         create_recognizer("whisper")
     with pytest.raises(RecognizerError, match="unknown mode 'chat'"):
         create_recognizer("pocketsphinx", "chat")
+
+
+def test_tuning_halves_and_selection_rules(tmp_path: Path) -> None:
+    """The cross-validation split and both selection rules, on a table of known errors
+    (as ``speech.tune --cache`` keeps it), so no decoding runs."""
+    dataset = SpeechDataset(_speech())
+    half_a, half_b = tune.halves(dataset)
+    assert len(half_a) == 6 and len(half_b) == 5 and not {*half_a} & {*half_b}
+    for source in ("cards", "librivox"):  # every source on both sides
+        assert any(source in i.name for i in half_a) and any(source in i.name for i in half_b)
+    defaults = {**tune.DECODER_DEFAULTS, **tune.VAD_DEFAULTS}
+    three_knobs = {**defaults, "lw": 5.0, "topn": 8, "bestpath": False}
+    one_knob = {**defaults, "fwdflat": False}
+    table = {}
+    every = [
+        vad
+        for decoder in tune.grid(tune.DECODER_GRID, {})
+        for vad in tune.grid(tune.VAD_GRID, decoder)
+    ]
+    for setting in every:
+        errors = {item.name: 2 for item in dataset}
+        if setting == three_knobs:  # one error fewer on one file: noise
+            errors[half_b[0].name] = 1
+        if setting == one_knob:  # two errors fewer on each of two files
+            errors[half_a[0].name] = errors[half_a[1].name] = 0
+        table[tune.key(setting)] = {n: {"errors": e, "words": 5} for n, e in errors.items()}
+    cache = tmp_path / "cache.json"
+    cache.write_text(json.dumps(table))
+    measurements = tune.Measurements(dataset, cache)
+    assert tune.tune(measurements, half_b, penalty=0) == three_knobs
+    assert tune.tune(measurements, half_b, penalty=1) == defaults
+    assert tune.tune(measurements, half_a, penalty=1) == one_knob
+    report = tune.cross_validate(measurements, {"defaults": defaults})
+    assert report["tested_on_A"]["penalised"]["wer"] == report["tested_on_A"]["defaults"]["wer"]
+    assert report["chosen_on_all"]["penalised"]["chosen"] == one_knob
 
 
 # --- evaluate CLI ---------------------------------------------------------------------------

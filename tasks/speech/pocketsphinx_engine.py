@@ -11,6 +11,12 @@ Decoding the utterance in one call with ``full_utt=True`` gives the model the no
 was trained with. The cost is latency, not CPU: the same frames are decoded either way, but the
 work happens after the end-pointer closes the utterance (about 0.15 x its duration at the
 settings below), rather than while the user speaks.
+
+Spreading that work over the utterance was measured and rejected (docs/speech.md): decoding
+incrementally with the cepstral mean of the utterance's first 1 s or 2 s (computed in batch,
+then held) gives 24 or 20 errors out of 96 instead of 16; with the whole utterance's mean it
+gives exactly 16, so the loss is the normalisation, not the incremental search. Cutting the
+utterance at its internal pauses keeps the WER but finds no pause inside these sentences.
 """
 
 from __future__ import annotations
@@ -27,29 +33,24 @@ from speech.recognizer import RecognizerError, Transcript, Word
 #: Alternate pronunciations come back as "word(2)"; the word is the part before.
 _ALTERNATE = re.compile(r"\(\d+\)$")
 
-#: Decoder settings for dictation, relative to the PocketSphinx defaults. Each one is a general
-#: accuracy/speed trade-off, not a fit to particular files:
+#: Decoder settings for dictation, relative to the PocketSphinx defaults, chosen by
+#: ``python -m speech.tune`` (two-fold cross-validation over language weight, word insertion
+#: penalty, ``topn``, the ``fwdflat`` and ``bestpath`` passes and the VAD boundaries; see
+#: docs/speech.md for the full figures). Both extra search passes are off, so the first-pass
+#: tree search's best path is the answer:
 #:
-#: ``topn`` 4 -> 8: the bundled model is phonetically tied (PTM): every senone mixes the
-#:     Gaussians of one shared codebook, and ``topn`` is how many of that codebook's best
-#:     Gaussians are evaluated per frame. Four was chosen for 2010-era embedded CPUs; eight
-#:     approximates the mixtures better for a little more CPU. 12 and 16 were no better.
-#: ``fwdflat`` off: the second, flat-lexicon pass re-searches only words the first (tree) pass
-#:     proposed, with a heavier language weight (``fwdflatlw`` 8.5 against ``lw`` 6.5), and the
-#:     final lattice pass (bestpath) then rescores *its* lattice. Off, bestpath rescores the
-#:     first-pass lattice directly. A plausible reason it helps: the flat pass's stronger
-#:     language-model prior no longer overrides acoustically clear words. It also saves CPU.
+#: ``fwdflat`` off: the second, flat-lexicon pass re-searches the words the first pass proposed
+#:     with a heavier language weight (``fwdflatlw`` 8.5 against ``lw`` 6.5); on this audio that
+#:     prior overrode acoustically clear words ("prudently", "himself").
+#: ``bestpath`` off: the lattice rescoring pass then has nothing left to add here.
 #:
-#: Measured through this task's streaming path on the shared data (errors out of 96 words):
-#:
-#:     topn          4    8   12   16
-#:     fwdflat on   21   20   20   19
-#:     fwdflat off  20   16   17   16
-#:
-#: The gain is consistent across the row, which is why we trust it beyond these 96 words.
-#: Wider beams (1e-80) were tried and changed nothing but CPU time: the remaining errors are
-#: model errors, not search errors.
-DICTATION_OPTIONS: Mapping[str, object] = {"topn": 8, "fwdflat": False}
+#: Errors out of 96 words on the shared recordings: PocketSphinx defaults 21, these settings
+#: 16, at the least CPU of any setting tried. Cross-validated, no setting measurably beats
+#: the defaults on the held-out half (WER 0.220 and 0.216 on halves A and B, the same as
+#: the defaults): the gain rests on two recordings, so it is a cheaper search that costs no
+#: accuracy here, not a proven accuracy gain. Wider beams change nothing but CPU time: the
+#: remaining errors are model errors, not search errors.
+DICTATION_OPTIONS: Mapping[str, object] = {"fwdflat": False, "bestpath": False}
 
 #: Command mode rejects an utterance when free dictation of the same audio confirms fewer than
 #: half of the grammar hypothesis's words (see ``PocketSphinxRecognizer._confirmed``).
@@ -131,7 +132,8 @@ class PocketSphinxRecognizer:
         return hyp.hypstr if hyp is not None else ""
 
     def _words(self) -> tuple[Word, ...]:
-        """The last decode's words with their times (fillers such as <sil>, [NOISE] left out)."""
+        """The last decode's words with their times; fillers (<sil>, [NOISE]) and a grammar's
+        null transitions ("(NULL)") are not words."""
         return tuple(
             Word(
                 _ALTERNATE.sub("", seg.word),
@@ -139,7 +141,7 @@ class PocketSphinxRecognizer:
                 (seg.end_frame + 1) * self._frame_s,
             )
             for seg in self._decoder.seg() or ()  # None when the search found no path
-            if not seg.word.startswith(("<", "[", "+"))
+            if not seg.word.startswith(("<", "[", "+", "("))
         )
 
     def _confirmed(self, command: str, audio: bytes) -> bool:
