@@ -37,7 +37,7 @@ _LANGUAGE_IN_NAME = re.compile(
 
 
 class VoskModelError(RecognizerError):
-    """The configured Vosk model directory is missing, incomplete or unreadable."""
+    """The configured Vosk model (directory or package) is missing, incomplete or unreadable."""
 
 
 def _how_to_get(where: str) -> str:
@@ -83,7 +83,8 @@ def _package_model_dir(name: str) -> Path:
         raise VoskModelError(
             f"Vosk model {name!r}: no such directory, and no installed Python package of that "
             f"name. Give a model directory, or install the model's package where the task "
-            f"runs (e.g. pip install {name.replace('_', '-')}). " + _how_to_get(name)
+            f"runs (e.g. pip install {name.replace('_', '-')}; in the speech container, mount "
+            f"the package's folder read-only at /opt/models/{name}). " + _how_to_get(name)
         )
     folder = Path(next(iter(spec.submodule_search_locations)))
     return folder / "model" if (folder / "model").is_dir() else folder
