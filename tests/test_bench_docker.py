@@ -244,6 +244,22 @@ def _check_contract(doc: dict) -> None:
         "quality_vs_isolated",
     ):
         assert set(doc[key]) == policies, key
+    # The keys earlier benches had stay, for whoever reads them.
+    for key in (
+        "total_time_range_s",
+        "total_time_vs_isolated",
+        "total_time_vs_bound",
+        "critical_p99_range_ms",
+        "actuation_ms_p50",
+        "deadline_misses",
+        "dropped",
+        "tasks",
+    ):
+        assert set(doc[key]) == policies, key
+    for key in ("isolated_cpu_s", "lower_bound_s", "scenario_s", "cores", "config", "scenario"):
+        assert doc[key], key
+    for key in ("repeat", "envelope", "revision", "bench_wall_s", "runs"):
+        assert doc[key], key
     for key in ("cpu_model", "cores", "kernel", "cgroup_version", "docker_version"):
         assert doc["machine"][key], key
     assert doc["load"] == 2.0 and len(doc["sweep"]) == 1
