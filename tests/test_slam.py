@@ -1,8 +1,12 @@
-"""SLAM task: laser log reader, the Freiburg metric, the pose graph, and the accuracy targets.
+"""SLAM task: laser log reader, the Freiburg metric, matching, the pose graph, shedding,
+scoring a run, and the accuracy targets on the start of every log.
 
-The accuracy tests run the whole task (``slam.evaluate``) over the Intel and ACES logs in this
-process (host venv) and assert the targets: mean relation error ≤ 0.10 m and ≤ 1.5°. They
-print timings (`pytest -s`) but do not assert them: the 2-core test machine is shared.
+The whole-log targets (mean relation error ≤ 0.10 m and ≤ 1.5° on intel, aces, fr-clinic and
+mit-killian, one configuration) are asserted on what the slam container computes, in
+tests/test_slam_eval_docker.py. Here the task runs in this process (host venv) over the first
+part of each log and is held to the same targets there; a synthetic 361/360-beam, 0.5° log
+built from a real one proves the reader and the matcher take other scanners. Timings are
+printed (`pytest -s`), never asserted: the 2-core test machine is shared.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import math
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -26,9 +29,11 @@ from ctxtask.datasets.laser import (
     relative_poses,
     scan_sample,
     score_relations,
+    score_run,
 )
 from ctxtask.protocol import Sample
 from slam.evaluate import evaluate
+from slam.mapper import Slam
 from slam.matching import LikelihoodField, PointLineMap, correlative_search, icp
 from slam.posegraph import PoseGraph
 from slam.scan import scan_to_points
@@ -39,28 +44,34 @@ from tests.conftest import REPO, require_data
 TRANS_TARGET_M = 0.10
 ROT_TARGET_DEG = 1.5
 # Raw-odometry scores quoted in each dataset's MANIFEST.md (Kümmerle metric, mean errors).
-RAW_ODOMETRY = {"intel": (7.38, 39.3), "aces": (0.55, 2.22)}
+RAW_ODOMETRY = {
+    "intel": (7.38, 39.3),
+    "aces": (0.55, 2.22),
+    "fr-clinic": (0.615, 0.64),
+    "mit-killian": (50.3, 9.26),
+}
 
 
 def _copy_dataset(src: Path, dst: Path) -> Path:
     """The small text files of a dataset folder (no bags), for corrupting in tests."""
     dst.mkdir()
-    for pattern in ("*_laser.txt.gz", "*_odom.txt", "laser.yaml", "*.relations"):
+    for pattern in ("*_laser.txt.gz", "*_odom.txt", "laser.yaml", "*.relations", "*_angle_min.txt"):
         for f in src.glob(pattern):
             shutil.copy(f, dst / f.name)
     return dst
 
 
 # ------------------------------------------------------------------------------------ reader
-@pytest.mark.parametrize("name", ["intel", "aces"])
+@pytest.mark.parametrize("name", list(RAW_ODOMETRY))
 def test_raw_odometry_scores_match_manifest(name: str) -> None:
     """Reader + metric reproduce the published "no SLAM" baseline of each log."""
     ds = load_laser_dataset(require_data(f"slam/{name}"))
     assert ds.relations is not None
     trans, rot = score_relations(ds.stamps, ds.odom_at_scans, ds.relations)
     want_t, want_r = RAW_ODOMETRY[name]
-    assert trans == pytest.approx(want_t, abs=0.01)
-    assert rot == pytest.approx(want_r, abs=0.05)
+    # The manifests quote three significant figures.
+    assert trans == pytest.approx(want_t, rel=0.002, abs=0.01)
+    assert rot == pytest.approx(want_r, rel=0.002, abs=0.05)
 
 
 def test_reader_fields() -> None:
@@ -76,6 +87,34 @@ def test_reader_fields() -> None:
     assert ds.geometry.max_valid_range == pytest.approx(49.9)
     assert np.all(np.abs(ds.odom_at_scans[:, 2]) <= math.pi)
     assert ds.duration_s == pytest.approx(1365.5, abs=0.1)
+    assert np.all(ds.angle_min == pytest.approx(math.radians(-90.0)))
+
+
+def test_reader_takes_each_scans_start_bearing_from_angle_min_file() -> None:
+    """fr-clinic's scanner interleaves four start bearings, 0.25° apart (MANIFEST.md)."""
+    ds = load_laser_dataset(require_data("slam/fr-clinic"))
+    assert ds.ranges.shape == (6917, 180)
+    bearings, counts = np.unique(np.round(np.degrees(ds.angle_min), 2), return_counts=True)
+    assert bearings.tolist() == [-90.0, -89.75, -89.5, -89.25]
+    assert counts.tolist() == [1748, 1709, 1725, 1735]
+    assert scan_sample(ds, 1).meta["angle_min"] == pytest.approx(math.radians(-89.75))
+    assert ds.geometry.max_valid_range == pytest.approx(81.825)
+
+
+def test_bad_angle_min_file_names_the_problem(tmp_path: Path) -> None:
+    folder = _copy_dataset(require_data("slam/fr-clinic"), tmp_path / "fr-clinic")
+    angles = folder / "fr-clinic_laser_angle_min.txt"
+    lines = angles.read_text().splitlines()
+    angles.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(ValueError, match=r"angle_min\.txt: 6916 start bearings for 6917 scans"):
+        load_laser_dataset(folder)
+    angles.unlink()
+    with pytest.raises(ValueError, match=r"angle_min\.txt: missing \(named by angle_min_file"):
+        load_laser_dataset(folder)
+    yaml = folder / "laser.yaml"
+    yaml.write_text(yaml.read_text().replace("fr-clinic_laser_angle_min.txt", "../elsewhere"))
+    with pytest.raises(ValueError, match=r"laser\.yaml:\d+: angle_min_file must name a file"):
+        load_laser_dataset(folder)
 
 
 def test_odometry_interpolation_is_angle_aware() -> None:
@@ -173,6 +212,31 @@ def test_search_then_icp_recovers_a_displaced_scan() -> None:
     assert result.fitness >= icp(target, scan.points, np.zeros(3), max_iterations=1).fitness
 
 
+def test_branch_and_bound_finds_the_exhaustive_optimum() -> None:
+    """The pruned search returns the pose and score that scoring every grid pose gives."""
+    ds = load_laser_dataset(require_data("slam/intel"))
+    g = ds.geometry
+    rng = np.random.default_rng(3)
+    for k in rng.integers(0, len(ds.stamps) - 5, size=4):
+        world = scan_to_points(ds.ranges[k], g.angle_min, g.angle_increment, 30.0).points
+        scan = scan_to_points(ds.ranges[k + 4], g.angle_min, g.angle_increment, 30.0).points
+        scan = scan[:: max(1, len(scan) // 60)]
+        field = LikelihoodField(world, 0.1, 0.1, 2.0)
+        guess = np.array([*rng.normal(0.0, 0.3, 2), rng.normal(0.0, 0.05)])
+        found = correlative_search(field, scan, guess, 1.0, math.radians(6.0), math.radians(1.0))
+        best = -1.0
+        for theta in guess[2] + math.radians(1.0) * np.arange(-6, 7):
+            for dx in 0.1 * np.arange(-10, 11):
+                for dy in 0.1 * np.arange(-10, 11):
+                    pose = np.array([guess[0] + dx, guess[1] + dy, theta])
+                    pts = compose(pose, np.column_stack([scan, np.zeros(len(scan))]))[:, :2]
+                    cells = np.floor((pts - field.origin) / 0.1).astype(int)
+                    cells = np.clip(cells, 0, np.array(field.shape[::-1]) - 1)
+                    best = max(best, float(field.field[cells[:, 1], cells[:, 0]].mean()))
+        assert found.score == pytest.approx(best, rel=1e-5)
+        assert found.runner_up <= found.score
+
+
 # ------------------------------------------------------------------------------------ task
 def test_task_lifecycle_and_map_output(tmp_path: Path) -> None:
     ds = load_laser_dataset(require_data("slam/aces"))
@@ -180,7 +244,7 @@ def test_task_lifecycle_and_map_output(tmp_path: Path) -> None:
     task.setup({"map_out": str(tmp_path / "map")})
     task.initialise()
     results = [task.update(scan_sample(ds, k)) for k in range(300)]
-    assert set(results[-1]) == {"pose", "t_log", "loop_closures"}
+    assert set(results[-1]) in ({"pose", "t_log", "loop_closures"}, {"shed", "pose", "t_log"})
     assert len(results[-1]["pose"]) == 3
     assert results[-1]["t_log"] == pytest.approx(ds.stamps[299])
     assert len(json.dumps(results[-1])) < 200  # goes over the socket several times a second
@@ -251,8 +315,20 @@ def test_evaluate_cli_json_short_run(tmp_path: Path) -> None:
     proc = _run_cli(str(folder), "--json", "--max-scans", "400", "--map-out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("trans_error_m", "rot_error_deg", "realtime_factor", "scans", "relations"):
+    for key in (
+        "trans_error_m",
+        "rot_error_deg",
+        "trans_error_ci95_m",
+        "rot_error_ci95_deg",
+        "realtime_factor",
+        "scans",
+        "relations",
+        "loop_closures",
+        "rejected_closures",
+    ):
         assert key in metrics
+    lo, hi = metrics["trans_error_ci95_m"]
+    assert lo <= metrics["trans_error_m"] <= hi
     assert metrics["scans"] == 400 and metrics["relations"] > 0
     assert metrics["trans_error_m"] < TRANS_TARGET_M
     assert (tmp_path / "map.png").is_file()
@@ -268,21 +344,140 @@ def test_evaluate_without_relations_still_runs(tmp_path: Path) -> None:
     assert metrics["scans"] == 100
 
 
-# ------------------------------------------------------------------------------ accuracy
-@pytest.mark.parametrize("name", ["aces", "intel"])
-def test_accuracy_targets(name: str) -> None:
-    ds = load_laser_dataset(require_data(f"slam/{name}"))
-    t0 = time.perf_counter()
-    result = evaluate(ds)
-    m = result.metrics
-    print(
-        f"\n{name}: {m['trans_error_m']:.4f} m, {m['rot_error_deg']:.3f} deg over "
-        f"{m['relations']} relations; {m['cpu_s']:.1f} s CPU (process time), "
-        f"{m['wall_s']:.1f} s wall, realtime factor {m['realtime_factor']:.4f}, "
-        f"worst update {m['worst_update_cpu_s'] * 1000:.0f} ms CPU, "
-        f"{m['loop_closures']} loop closures; test wall {time.perf_counter() - t0:.1f} s"
+# ------------------------------------------------------------------------- shedding, in the loop
+def test_standing_still_is_shed_with_a_pose() -> None:
+    """A scan whose odometry has not moved is not matched: the result says so, with a pose."""
+    ds = load_laser_dataset(require_data("slam/aces"))
+    task = SlamTask()
+    task.setup({})
+    task.initialise()
+    for k in range(30):
+        task.update(scan_sample(ds, k))
+    parked = task.update(scan_sample(ds, 29, sample_id=30))  # same odometry: standing still
+    assert parked["shed"] == "still"
+    assert parked["t_log"] == pytest.approx(ds.stamps[29])
+    assert parked["pose"] == task.update(scan_sample(ds, 29, sample_id=31))["pose"]
+    odom = ds.odom_at_scans
+    moved = np.hypot(*(odom[30:, :2] - odom[29, :2]).T) > 0.05
+    k = 30 + int(np.argmax(moved))
+    assert "shed" not in task.update(scan_sample(ds, k, sample_id=32))
+    assert task.terminate()["still_scans"] >= 2
+
+
+def test_score_run_scores_the_poses_the_robot_had_online() -> None:
+    """The task's own results over the start of a log, with gaps, scored by relation."""
+    folder = require_data("slam/aces")
+    ds = load_laser_dataset(folder)
+    task = SlamTask()
+    task.setup({})
+    task.initialise()
+    results = [task.update(scan_sample(ds, k)) for k in range(600)]
+    task.terminate()
+    complete = score_run(results, folder)
+    assert complete["relations"] > 50
+    assert complete["slam_trans_error_m"] <= TRANS_TARGET_M
+    assert complete["slam_rot_error_deg"] <= ROT_TARGET_DEG
+    # Every third sample dropped: only relations whose two scans still have a pose count.
+    kept = [r for k, r in enumerate(results) if k % 3]
+    gappy = score_run(kept, folder)
+    stamps = {round(r["t_log"], 3) for r in kept}
+    rel = ds.relations
+    both = sum(round(a, 3) in stamps and round(b, 3) in stamps for a, b in rel[:, :2])
+    assert gappy["relations"] == both < complete["relations"]
+    assert gappy["slam_trans_error_m"] <= TRANS_TARGET_M
+    assert score_run([], folder)["relations"] == 0
+    print(f"\nin the loop, aces first 600 scans: {complete}; a third dropped: {gappy}")
+
+
+def test_a_closure_the_graph_disagrees_with_is_rejected() -> None:
+    """A wrong copy of a real closure, 1.5 m and 10° off, is removed once the graph converges.
+
+    Intel's first rooms close many loops, so the graph has the redundancy to disagree: the
+    right closures around the wrong edge hold the poses where the scans put them.
+    """
+    ds = load_laser_dataset(require_data("slam/intel"))
+    slam = Slam()
+    g = ds.geometry
+    for k in range(2500):
+        slam.process(ds.ranges[k], ds.odom_at_scans[k], g.angle_min, g.angle_increment, 81.0)
+    slam.finish()
+    accepted, rejected = slam.loop_closures, slam.rejected_closures
+    assert accepted >= 10
+    index, _ = slam.graph.robust_residuals()
+    i, j = slam.graph.edge_nodes(int(index[len(index) // 2]))
+    wrong = between(slam.graph.poses[i], slam.graph.poses[j]) + np.array([1.5, 0.0, 0.17])
+    slam.graph.add_edge(i, j, wrong, slam._loop_info, robust=True)
+    slam.loop_closures += 1
+    slam.finish()
+    assert slam.rejected_closures == rejected + 1
+    assert slam.loop_closures == accepted
+    _, residuals = slam.graph.robust_residuals()
+    assert np.all(np.hypot(residuals[:, 0], residuals[:, 1]) <= slam.config.loop_reject_m)
+
+
+# ------------------------------------------------------------------------------ other scanners
+def _wide_scanner_copy(src: Path, dst: Path, beams: int) -> Path:
+    """``src`` (180 beams, 1°) as a 0.5° scanner of ``beams`` beams from −90°.
+
+    Beam 2i is the real beam i; beam 2i+1 lies halfway between beams i and i+1 and takes
+    their mean range where both hit the same surface (< 0.1 m apart), else the nearer one,
+    so no phantom points appear at depth edges. Beams past the last real one repeat it.
+    """
+    folder = _copy_dataset(src, dst)
+    laser = next(folder.glob("*_laser.txt.gz"))
+    table = np.loadtxt(laser)
+    ranges = table[:, 1:]
+    nxt = np.concatenate([ranges[:, 1:], ranges[:, -1:]], axis=1)
+    same = np.abs(nxt - ranges) < 0.1
+    half = np.where(same, 0.5 * (ranges + nxt), np.minimum(ranges, nxt))
+    wide = np.empty((len(ranges), 2 * ranges.shape[1]))
+    wide[:, 0::2], wide[:, 1::2] = ranges, half
+    if beams > wide.shape[1]:
+        wide = np.concatenate([wide, wide[:, -1:]], axis=1)
+    wide = wide[:, :beams]
+    with gzip.open(laser, "wt") as f:
+        f.write(f"# {beams} beams at 0.5 deg, made from {src.name}\n# timestamp ranges\n")
+        np.savetxt(f, np.column_stack([table[:, 0], wide]), fmt="%.6f")
+    yaml = (folder / "laser.yaml").read_text()
+    yaml = yaml.replace("beams: 180", f"beams: {beams}")
+    (folder / "laser.yaml").write_text(
+        yaml.replace("angle_increment_deg: 1.0", "angle_increment_deg: 0.5")
     )
-    assert m["scans"] == len(ds.stamps)
-    assert result.poses.shape == (len(ds.stamps), 3)
+    return folder
+
+
+@pytest.mark.parametrize("beams", [361, 360])
+def test_a_half_degree_scanner_of_361_or_360_beams(tmp_path: Path, beams: int) -> None:
+    """Reader and matcher take the geometry from laser.yaml: same log, twice the beams."""
+    src = require_data("slam/aces")
+    folder = _wide_scanner_copy(src, tmp_path / "aces-wide", beams)
+    wide = load_laser_dataset(folder)
+    assert wide.ranges.shape[1] == beams
+    assert wide.geometry.angle_increment == pytest.approx(math.radians(0.5))
+    sample = scan_sample(wide, 5)
+    assert sample.meta["beams"] == beams and len(sample.array()) == beams
+    m = evaluate(wide, max_scans=1200).metrics
+    base = evaluate(load_laser_dataset(src), max_scans=1200).metrics
+    print(f"\n{beams} beams at 0.5°: {m}\n180 beams at 1°: {base}")
+    assert m["relations"] == base["relations"] > 100
+    assert m["trans_error_m"] <= TRANS_TARGET_M and m["rot_error_deg"] <= ROT_TARGET_DEG
+
+
+# ------------------------------------------------------------------------------ accuracy
+#: The first part of each log: every log's accuracy is asserted in the fast suite too; the
+#: whole logs run in the slam container (tests/test_slam_eval_docker.py).
+PREFIX_SCANS = {"intel": 3000, "aces": 2500, "fr-clinic": 1500, "mit-killian": 3500}
+
+
+@pytest.mark.parametrize("name", list(PREFIX_SCANS))
+def test_accuracy_targets_on_the_start_of_each_log(name: str) -> None:
+    ds = load_laser_dataset(require_data(f"slam/{name}"))
+    result = evaluate(ds, max_scans=PREFIX_SCANS[name])
+    m = result.metrics
+    print(f"\n{name}, first {m['scans']} scans: {json.dumps(m)}")
+    assert result.poses.shape == (m["scans"], 3)
+    assert m["relations"] > 50
+    lo, hi = m["trans_error_ci95_m"]
+    assert lo <= m["trans_error_m"] <= hi
     assert m["trans_error_m"] <= TRANS_TARGET_M
     assert m["rot_error_deg"] <= ROT_TARGET_DEG

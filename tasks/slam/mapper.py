@@ -31,7 +31,9 @@ from slam.se2 import between, compose, rotate_vectors, transform_points
 class SlamConfig:
     """Tuning knobs. Distances in m, angles in rad; defaults suit indoor 180° scanners."""
 
-    max_range_m: float = 30.0  # returns beyond this are too sparse/noisy to match
+    # Returns beyond this are not used. Outdoors the far returns carry the structure (fr-clinic:
+    # a 30 m cut left ~80 points a scan and a front end worse than the odometry).
+    max_range_m: float = 80.0
     keyframe_distance_m: float = 0.3
     keyframe_angle_rad: float = math.radians(10.0)
     local_map_keyframes: int = 20
@@ -51,7 +53,7 @@ class SlamConfig:
     track_min_fitness: float = 0.4  # below this, recover with a correlative search
     # Below this even after the search, the scan cannot place itself (open space, nothing in
     # range, a featureless stretch): the odometry prediction is kept rather than a guess.
-    track_accept_fitness: float = 0.2
+    track_accept_fitness: float = 0.4
     track_linear_window_m: float = 0.3
     track_angular_window_rad: float = math.radians(8.0)
     track_field_resolution_m: float = 0.05  # also the σ of its likelihood field
@@ -75,10 +77,10 @@ class SlamConfig:
     # branch-and-bound search makes a window of metres and tens of degrees affordable.
     loop_linear_window_m: float = 0.3
     loop_linear_window_per_m: float = 0.04
-    loop_linear_window_max_m: float = 5.0
+    loop_linear_window_max_m: float = 12.0
     loop_angular_window_rad: float = math.radians(3.0)
     loop_angular_window_per_m: float = math.radians(0.5)
-    loop_angular_window_max_rad: float = math.radians(25.0)
+    loop_angular_window_max_rad: float = math.radians(30.0)
     # Reject when a clearly different pose scores this close to the best (aliasing).
     loop_max_ambiguity: float = 0.9
     loop_field_resolution_m: float = 0.1
@@ -382,8 +384,8 @@ class Slam:
         path_now = self._kf_path[k]
         if last_eligible <= 0 or path_now - self._path_at_last_attempt < cfg.loop_attempt_every_m:
             return
-        poses = self.graph.poses
         lin_win, ang_win = self._loop_windows(k)
+        poses = self.graph.poses
         paths = np.asarray(self._kf_path[:last_eligible])
         d = np.hypot(*(poses[:last_eligible, :2] - poses[k, :2]).T)
         ok = (path_now - paths > cfg.loop_min_path_m) & (d < cfg.loop_search_radius_m + lin_win)
@@ -420,7 +422,7 @@ class Slam:
         """Add ``match`` (and the earlier match it agrees with) once two matches agree.
 
         A single verified match can still be wrong where places look alike (doors along a
-        corridor). Two matches from different keyframes agree when the cycle
+        corridor). Two matches from keyframes whose queries share no scan agree when the cycle
         k1 → j1 → j2 → k2 → k1 closes: it uses only the local chains j1…j2 and k1…k2, which
         are accurate however large the drift between the two visits. Wrong matches rarely
         agree with each other, so the pair test removes them before they reach the graph.
@@ -431,6 +433,8 @@ class Slam:
         poses = self.graph.poses
         agreeing = []
         for other in self._recent_matches:
+            if other.k > match.k - cfg.loop_query_keyframes:
+                continue  # the two queries share keyframes: their errors would agree too
             # Pose of k2 in k1 through the loop: k1 → j1 (z1⁻¹), j1 → j2 (map), j2 → k2 (z2).
             k1_to_j1 = between(other.z, np.zeros(3))
             via_j = compose(compose(k1_to_j1, between(poses[other.j], poses[match.j])), match.z)

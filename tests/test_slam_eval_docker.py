@@ -1,0 +1,58 @@
+"""The SLAM task's accuracy targets on every shared log with ground truth, in its container.
+
+`ctxrobot eval slam LOG` runs ``python -m slam.evaluate`` in the slam image (dataset read-only,
+no network, pinned to one CPU) with the task's one configuration. Each log is held to the same
+targets: mean Freiburg relation error ≤ 0.10 m and ≤ 1.5°; where the task does not meet them
+yet (``NOT_YET``) the run is still checked and a missed target is an expected failure. The
+95 % intervals and the real-time factor are printed; the factor is asserted below 1 only as
+"keeps up with its sensor on one core" (a wide margin on a shared 2-core machine).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import require_data
+from tests.test_eval_docker import evaluate
+
+pytestmark = pytest.mark.docker
+
+TRANS_TARGET_M = 0.10
+ROT_TARGET_DEG = 1.5
+SCANS = {"intel": 13631, "aces": 7374, "fr-clinic": 6917, "mit-killian": 17480}
+
+
+#: Logs where the task does not meet the targets yet (docs/slam.md, "What is left"): the run
+#: must still work and its figures are printed; a missed target is reported as an expected
+#: failure, and meeting it fails the test until the log is taken off this list.
+NOT_YET = {"fr-clinic", "mit-killian"}
+
+
+@pytest.mark.parametrize(
+    "log",
+    [
+        "aces",
+        "fr-clinic",
+        pytest.param("intel", marks=pytest.mark.slow),
+        pytest.param("mit-killian", marks=pytest.mark.slow),
+    ],
+)
+def test_slam_targets_in_container(log: str) -> None:
+    m = evaluate("slam", require_data(f"slam/{log}"))
+    assert m["scans"] == SCANS[log]
+    figures = (
+        f"{log}: {m['trans_error_m']:.4f} m {m['trans_error_ci95_m']}, "
+        f"{m['rot_error_deg']:.3f} deg {m['rot_error_ci95_deg']}, {m['scans']} scans, "
+        f"RTF {m['realtime_factor']:.4f}, closures {m['loop_closures']} accepted / "
+        f"{m['rejected_closures']} rejected"
+    )
+    print(figures)
+    lo, hi = m["trans_error_ci95_m"]
+    assert lo <= m["trans_error_m"] <= hi
+    assert m["realtime_factor"] < 1.0, "keeps up with the log's real time on one core"
+    met = m["trans_error_m"] <= TRANS_TARGET_M and m["rot_error_deg"] <= ROT_TARGET_DEG
+    if log in NOT_YET:
+        assert not met, f"{log} now meets the targets: take it off NOT_YET"
+        pytest.xfail(f"targets not met yet: {figures}")
+    assert m["trans_error_m"] <= TRANS_TARGET_M
+    assert m["rot_error_deg"] <= ROT_TARGET_DEG
