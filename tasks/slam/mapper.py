@@ -72,7 +72,8 @@ class SlamConfig:
     loop_search_radius_m: float = 3.0
     loop_min_path_m: float = 10.0
     loop_submap_half: int = 6
-    loop_attempt_every_m: float = 0.6  # path between two loop-closure attempts (CPU budget)
+    # Path between two loop-closure attempts (CPU budget); a quarter of the window when wider.
+    loop_attempt_every_m: float = 0.6
     # Search window: base + growth per metre travelled since the last closure, capped. The
     # branch-and-bound search makes a window of metres and tens of degrees affordable.
     loop_linear_window_m: float = 0.3
@@ -88,7 +89,7 @@ class SlamConfig:
     loop_min_inliers: int = 60
     loop_min_constraint: float = 0.08  # min eigenvalue of the translational Hessian / inliers
     # Pairwise consistency: a match is added once another match from the last
-    # loop_consistency_path_m of path closes a cycle with it within these bounds.
+    # loop_consistency_path_m of path (or four attempts) closes a cycle with it within these bounds.
     loop_consistency_path_m: float = 4.0
     loop_consistency_m: float = 0.15
     loop_consistency_rad: float = math.radians(2.0)
@@ -377,14 +378,21 @@ class Slam:
         )
         return lin, ang
 
+    def _attempt_spacing(self, linear_window: float) -> float:
+        """Path between loop-closure attempts: a wide window costs more and its answer moves
+        less between neighbouring keyframes, so it is tried less often."""
+        return max(self.config.loop_attempt_every_m, linear_window / 4.0)
+
     def _try_loop_closure(self, k: int) -> None:
         """Match keyframe ``k`` against the submap around the nearest path-distant keyframe."""
         cfg = self.config
         last_eligible = k - cfg.local_map_keyframes
         path_now = self._kf_path[k]
-        if last_eligible <= 0 or path_now - self._path_at_last_attempt < cfg.loop_attempt_every_m:
-            return
         lin_win, ang_win = self._loop_windows(k)
+        if last_eligible <= 0 or path_now - self._path_at_last_attempt < self._attempt_spacing(
+            lin_win
+        ):
+            return
         poses = self.graph.poses
         paths = np.asarray(self._kf_path[:last_eligible])
         d = np.hypot(*(poses[:last_eligible, :2] - poses[k, :2]).T)
@@ -428,7 +436,10 @@ class Slam:
         agree with each other, so the pair test removes them before they reach the graph.
         """
         cfg = self.config
-        horizon = match.path_m - cfg.loop_consistency_path_m
+        # The partner is one of the last few attempts, however far apart wide windows put them.
+        lin_win, _ = self._loop_windows(match.k)
+        reach = max(cfg.loop_consistency_path_m, 4.0 * self._attempt_spacing(lin_win))
+        horizon = match.path_m - reach
         self._recent_matches = [m for m in self._recent_matches if m.path_m >= horizon]
         poses = self.graph.poses
         agreeing = []
