@@ -2,12 +2,14 @@
 
 Every scan is matched against a local map made of the last few keyframes, starting from the
 odometry prediction. Keyframes become pose-graph nodes joined by the matched relative poses.
-When a new keyframe comes near an older, path-distant part of the graph, its scan is matched
-against a submap around that place (correlative search in a window that grows with the path
-since the last closure, then ICP). A match that is good, unambiguous and well constrained is
-added as a loop edge once a second match from a nearby keyframe agrees with it. Optimisation
-is spread over the following scan updates, one Gauss-Newton iteration per update, so no single
-update stalls.
+When a new keyframe comes near an older, path-distant part of the graph, it and the few
+keyframes before it are matched against a submap around that place (branch-and-bound
+correlative search in a window that grows with the path since the last closure, then ICP). A
+match that is good, unambiguous and well constrained is added as a loop edge once a second
+match, whose query shares no scan with it, agrees. Optimisation is spread over the following
+scan updates, one Gauss-Newton iteration per update, so no single update stalls; once it has
+converged, a loop edge the graph still disagrees with is removed and counted as rejected.
+A scan taken while the odometry shows no motion is not matched at all (``ScanEstimate.still``).
 
 Each scan's pose is stored relative to the keyframe it was matched against, so optimising the
 keyframes moves every scan with them and a pose exists for every scan.
