@@ -464,3 +464,20 @@ def test_problems_always_print_as_one_line() -> None:
 
     assert str(Problem("f", 1, 2, "a\nb\x1b[31m")) == "f:1:2: a\\nb\\x1b[31m"
     assert str(Problem("f", 1, 2, "careful", warning=True)) == "f:1:2: warning: careful"
+
+
+def test_a_problem_inside_an_empty_flow_mapping_has_a_position(tmp_path: Path, data: Path) -> None:
+    """Found by the fuzz test: `idle: {}` has no position table of its own in ruamel."""
+    path = tmp_path / "scenario.yaml"
+    path.write_text(
+        "version: 1\nduration_s: 30\nsources:\n  camera:\n    kind: camera_replay\n    idle: {}\n"
+    )
+    found = [(p.line, p.col, p.message) for p in validate_file(path)]
+    assert found == [
+        (
+            6,
+            5,
+            "missing required field 'dir' in sources.camera.idle; add `dir:` (image folder "
+            "under data_dir)",
+        )
+    ]

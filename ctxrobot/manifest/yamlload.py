@@ -108,11 +108,13 @@ class YamlDoc:
         node, found = self.data, self.root
         for depth, part in enumerate(path):
             key_pos = None
-            if isinstance(node, CommentedMap) and _hashable(part) and part in node.lc.data:
-                key_line, key_col, line, col = node.lc.data[part]
+            # An empty flow collection (`{}`, `[]`) has no position table at all.
+            positions = node.lc.data or {} if isinstance(node, CommentedMap | CommentedSeq) else {}
+            if isinstance(node, CommentedMap) and _hashable(part) and part in positions:
+                key_line, key_col, line, col = positions[part]
                 key_pos = Pos(key_line + 1, key_col + 1)
-            elif isinstance(node, CommentedSeq) and isinstance(part, int) and part in node.lc.data:
-                line, col = node.lc.data[part]
+            elif isinstance(node, CommentedSeq) and isinstance(part, int) and part in positions:
+                line, col = positions[part]
             else:
                 return found, None
             found, node = Pos(line + 1, col + 1), node[part]
