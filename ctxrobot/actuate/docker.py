@@ -166,45 +166,33 @@ class DockerApiController:
     """:class:`~ctxrobot.cgroups.CpuController` through the Docker API (the slow fallback).
 
     Used when the cgroup files are not writable (e.g. rootless Docker, or ctxrobot itself in
-    a container without the cgroup tree). Values are cached like on the fast path so an
-    unchanged allocation costs no API call.
+    a container without the cgroup tree). Like the fast path it does what it is told: the
+    scheduler's core decides what changed, once.
     """
 
     def __init__(self, container: Container) -> None:
         self.container = container
-        self._last: dict[str, object] = {}
 
     def __repr__(self) -> str:
         return f"DockerApiController({self.container.name})"
 
-    def _update(self, key: str, value: object, **kwargs: int | str) -> None:
-        if self._last.get(key) == value:
-            return
-        self._last.pop(key, None)
-        self.container.update(**kwargs)
-        self._last[key] = value
-
     def set_weight(self, weight: int) -> None:
         check_weight(weight)
-        self._update("weight", weight, cpu_shares=weight_to_shares(weight))
+        self.container.update(cpu_shares=weight_to_shares(weight))
 
     def set_share_cap(self, share: float | None, ncpus: float) -> None:
         quota = -1 if share is None else quota_us(share, ncpus, DEFAULT_PERIOD_US)
-        self._update("quota", quota, cpu_quota=quota, cpu_period=DEFAULT_PERIOD_US)
+        self.container.update(cpu_quota=quota, cpu_period=DEFAULT_PERIOD_US)
 
     def freeze(self) -> None:
-        if self._last.get("frozen") is not True:
-            self._last.pop("frozen", None)
+        self.container.reload()
+        if self.container.status != "paused":
             self.container.pause()
-            self._last["frozen"] = True
 
     def thaw(self) -> None:
-        if self._last.get("frozen") is not False:
-            self._last.pop("frozen", None)
-            self.container.reload()
-            if self.container.status == "paused":
-                self.container.unpause()
-            self._last["frozen"] = False
+        self.container.reload()
+        if self.container.status == "paused":
+            self.container.unpause()
 
     @property
     def frozen(self) -> bool:
@@ -212,7 +200,7 @@ class DockerApiController:
         return self.container.status == "paused"
 
     def set_cpuset(self, cpus: str) -> None:
-        self._update("cpuset", cpus, cpuset_cpus=cpus)
+        self.container.update(cpuset_cpus=cpus)
 
     def usage_ns(self) -> int:
         stats = self.container.stats(stream=False, one_shot=True)
@@ -357,6 +345,15 @@ class DockerBackend:
             # Exited meanwhile (nothing to thaw), or no cgroup files: then nothing but
             # Docker's pause can have frozen it.
             log.debug("cannot check the freezer of %s: %s", container.name, err)
+
+    def thaw(self, name: str) -> bool:
+        """Undo any freeze of ``name``, Docker's pause or a write to its freezer; False when
+        there is no such container."""
+        container = self.get(name)
+        if container is None:
+            return False
+        self._thaw(container)
+        return True
 
     def stop(self, name: str, timeout: float = 10) -> bool:
         """Thaw and stop ``name``; False when there is no such container."""
