@@ -75,6 +75,9 @@ class Executor:
         self._clock = clock
 
     def run(self, actions: Iterable[Action]) -> None:
+        # The cgroup writes first: they are what the actuation latency measures, and the
+        # context and rule changes that caused them only inform the observers.
+        actions = sorted(actions, key=lambda a: not isinstance(a, ApplyAllocation))
         for action in actions:
             if isinstance(action, ApplyAllocation):
                 self._apply(action)
