@@ -26,7 +26,7 @@ from ctxrobot.service.control import ControlError
 from ctxrobot.service.control_server import ControlServer
 from ctxrobot.service.listing import container_rows
 from ctxrobot.service.loop import DecisionLoop
-from ctxrobot.service.runtime import RunFailed, RunOptions, Runtime
+from ctxrobot.service.runtime import STOPPED_BY_SIGNAL, RunOptions, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,12 @@ class DaemonOptions:
     metrics_port: int | None = None
 
 
+#: A Docker engine that shuts down first stops every container (SIGTERM, then SIGKILL)
+#: and only then stops answering, up to its shutdown timeout (15 s by default) later. A
+#: container stopped by such a signal is therefore judged only after that long: if the
+#: engine goes away meanwhile, the engine failed, not the task.
+ENGINE_SHUTDOWN_S = 15.0
+
 #: Longest wait between two restarts: `always` restarts forever, and a doubling back-off
 #: would otherwise leave a robot without the task for hours after a bad night.
 MAX_BACKOFF_S = 60.0
@@ -56,6 +62,8 @@ class _Restarts:
     count: int = 0
     due: float | None = None  # when the next restart attempt may run
     given_up: bool = False
+    waiting_for_engine: bool = False  # said once per outage
+    judge_at: float | None = None  # when a failure is judged (see ENGINE_SHUTDOWN_S)
 
 
 def should_restart(policy: RestartSpec, exit_code: int | None, restarts: int) -> bool:
@@ -189,38 +197,70 @@ class Daemon:
         self.runtime.request_stop()
 
     def _supervise(self) -> None:
-        """Restart crashed tasks with exponential back-off, per their restart policy."""
+        """Restart crashed tasks with exponential back-off, per their restart policy. A task
+        the Docker engine took down with it waits for the engine and is then restarted at
+        once, its restart budget untouched: the engine failed, not the task."""
+        engine = self.runtime.engine
         now = time.monotonic()
         with self._lock:
             for name, error in self.runtime.failed_tasks().items():
                 state = self._restarts[name]
-                spec = self.runtime.task_spec(name)
-                policy = spec.restart
                 if state.given_up:
                     continue
-                if state.due is None:
-                    exit_code = self.runtime.exit_code(name)
-                    self._publish(name, "crashed", error)
-                    if not should_restart(policy, exit_code, state.count):
-                        state.given_up = True
+                if engine is not None and not engine.available:
+                    if not state.waiting_for_engine:
+                        state.waiting_for_engine = True
                         self._publish(
                             name,
-                            "failed",
-                            f"not restarted (policy {policy.policy}, exit status "
-                            f"{'-' if exit_code is None else exit_code}, "
-                            f"{state.count} restart(s) so far)",
+                            "waiting",
+                            f"{error}; the Docker engine does not answer: restarting the task "
+                            "when it does",
                         )
-                        continue
-                    state.due = now + backoff_s(policy, state.count)
-                    self._publish(name, "restarting", f"in {state.due - now:.1f} s")
+                    continue
+                if state.waiting_for_engine or self.runtime.engine_lost_since_start(name):
+                    state.waiting_for_engine, state.due, state.judge_at = False, None, None
+                    self._publish(name, "restarting", "now: the Docker engine restarted")
+                    self._restart(name, "the Docker engine came back")
+                elif state.due is None:
+                    exit_code = self.runtime.exit_code(name)
+                    if state.judge_at is None:
+                        outside = exit_code in STOPPED_BY_SIGNAL
+                        state.judge_at = now + (ENGINE_SHUTDOWN_S if outside else 0.0)
+                    if now >= state.judge_at:
+                        state.judge_at = None
+                        self._schedule(name, state, error, exit_code, now)
                 elif now >= state.due:
                     state.count += 1
                     state.due = None
-                    try:
-                        self.runtime.restart_task(name)
-                        log.info("task %s restarted (restart %d)", name, state.count)
-                    except (RuntimeError, TimeoutError, RunFailed) as err:
-                        log.error("restart of task %s failed: %s", name, err)
+                    self._restart(name, f"restart {state.count}")
+
+    def _schedule(
+        self, name: str, state: _Restarts, error: str, exit_code: int | None, now: float
+    ) -> None:
+        """A task just failed: give up on it, or set the time of its next restart."""
+        policy = self.runtime.task_spec(name).restart
+        self._publish(name, "crashed", error)
+        if not should_restart(policy, exit_code, state.count):
+            state.given_up = True
+            self._publish(
+                name,
+                "failed",
+                f"not restarted (policy {policy.policy}, exit status "
+                f"{'-' if exit_code is None else exit_code}, "
+                f"{state.count} restart(s) so far)",
+            )
+            return
+        state.due = now + backoff_s(policy, state.count)
+        self._publish(name, "restarting", f"in {state.due - now:.1f} s")
+
+    def _restart(self, name: str, why: str) -> None:
+        """One restart attempt. One that fails leaves the task failed: the next round of
+        supervision counts it like a crash."""
+        try:
+            self.runtime.restart_task(name)
+            log.info("task %s restarted (%s)", name, why)
+        except Exception as err:  # Docker's, the socket's, the task's: all mean "not yet"
+            log.error("restart of task %s failed: %s", name, err)
 
     def _publish(self, task: str, state: str, detail: str) -> None:
         log.warning("task %s %s: %s", task, state, detail)
@@ -237,7 +277,10 @@ class Daemon:
                 "daemon ready: run %s, control socket %s", self.runtime.run_id, self.options.socket
             )
             while not self._stop.wait(SUPERVISE_PERIOD_S):
-                self._supervise()
+                try:
+                    self._supervise()
+                except Exception:  # supervision must outlive whatever it supervises
+                    log.exception("supervision failed; trying again")
         finally:
             self.control.close()
             self.runtime.stop()

@@ -4,7 +4,9 @@ The runtime starts `python -m ctxrobot.service.guard RUN_ID` with a pipe on its 
 writes to it. When the runtime exits in any way — including `kill -9`, where no Python
 `finally` runs — the kernel closes the pipe, the guard reads EOF, and it thaws and removes
 every container labelled with that run. After a clean shutdown it finds nothing to do.
-A frozen container would otherwise stay frozen forever, holding its memory.
+A frozen container would otherwise stay frozen forever, holding its memory. When the
+Docker engine is what went away (restarting), the guard waits for it and then removes the
+containers, which the engine left `Exited`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from ctxrobot.actuate.cgroups import CgroupError, ParentCgroup
 from ctxrobot.actuate.docker import DockerBackend
+from ctxrobot.model.errors import EngineUnavailableError
+from ctxrobot.service.engine import ENGINE_ERRORS
 
 log = logging.getLogger("ctxrobot.service.guard")
+
+#: How long a guard waits for a Docker engine that does not answer (restarting, or
+#: stopped for maintenance) before it gives up on removing its run's containers.
+ENGINE_GIVE_UP_S = 3600.0
 
 
 def spawn(run_id: str) -> subprocess.Popen[bytes]:
@@ -32,14 +41,44 @@ def spawn(run_id: str) -> subprocess.Popen[bytes]:
     )
 
 
-def release(guard: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    """Close the pipe (as a death would) and wait for the guard's final sweep."""
+def release(guard: subprocess.Popen[bytes], timeout_s: float = 30.0, *, wait: bool = True) -> None:
+    """Close the pipe (as a death would) and wait for the guard's final sweep; with
+    ``wait=False`` the guard sweeps on its own (it may be waiting for the engine)."""
     if guard.stdin is not None:
         guard.stdin.close()
+    if not wait:
+        return
     try:
         guard.wait(timeout_s)
     except subprocess.TimeoutExpired:
         guard.kill()
+
+
+def sweep(run_id: str, *, retry_s: float = 1.0, give_up_s: float = ENGINE_GIVE_UP_S) -> list[str]:
+    """Remove the run's containers; while the engine does not answer (it is restarting),
+    wait for it, up to ``give_up_s``. Returns the names removed."""
+    deadline = time.monotonic() + give_up_s
+    waiting = False
+    while True:
+        try:
+            return DockerBackend().cleanup(run_id)
+        except (EngineUnavailableError, *ENGINE_ERRORS) as err:
+            if time.monotonic() >= deadline:
+                log.error(
+                    "the Docker engine did not answer for %.0f s (%s); the containers of run "
+                    "%s stay: remove them with `docker rm -f $(docker ps -aq --filter "
+                    "label=ctxrobot.run=%s)`",
+                    give_up_s,
+                    err,
+                    run_id,
+                    run_id,
+                )
+                return []
+            if not waiting:
+                log.warning("waiting for the Docker engine to remove run %s: %s", run_id, err)
+                waiting = True
+            time.sleep(retry_s)
+            retry_s = min(10.0, retry_s * 2)
 
 
 def main(argv: list[str]) -> int:
@@ -54,7 +93,7 @@ def main(argv: list[str]) -> int:
     # Block until the runtime's end of the pipe closes.
     while os.read(0, 4096):
         pass
-    removed = DockerBackend().cleanup(run_id)
+    removed = sweep(run_id)
     if removed:
         log.warning("runtime of run %s ended without cleaning up; removed %s", run_id, removed)
     try:

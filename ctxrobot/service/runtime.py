@@ -26,7 +26,7 @@ from ctxrobot.actuate.docker import BindMount, ContainerSpec, DockerBackend, Sec
 from ctxrobot.manifest.schema import Manifest, TaskSpec
 from ctxrobot.model.allocation import Machine
 from ctxrobot.model.bus import EventBus
-from ctxrobot.model.errors import DataMissingError
+from ctxrobot.model.errors import DataMissingError, UserError
 from ctxrobot.model.events import TaskStateChanged, UsageSampled
 from ctxrobot.observe.metrics import MetricsExporter
 from ctxrobot.observe.paths import prepare_run_folder
@@ -35,11 +35,14 @@ from ctxrobot.observe.readers import summarize
 from ctxrobot.observe.store import RunStore
 from ctxrobot.service import guard
 from ctxrobot.service.core import build_core
+from ctxrobot.service.engine import ENGINE_ERRORS, EngineWatch, remove_run
+from ctxrobot.service.freezes import FreezeWatch
 from ctxrobot.service.host import read_host
 from ctxrobot.service.loop import DecisionLoop, Executor, PeriodicSampler
 from ctxrobot.streams.channel import TaskChannel
 from ctxrobot.streams.replay import ScenarioPlayer, build_sources
 from ctxrobot.streams.source import Fired, LiveSource
+from ctxtask.protocol import ConnectionClosed
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,12 @@ GIL_SWITCH_INTERVAL_S = float(os.environ.get("CTXROBOT_GIL_SWITCH_S", "0.0005"))
 TASK_UID = 10001  # the unprivileged user every task image runs as
 CONTAINER_SOCKET_DIR = "/run/ctxrobot"
 CONTAINER_DATA_DIR = "/data"
+#: How long the take-down waits for a Docker engine that does not answer before it leaves
+#: the run's containers to the guard (which waits for the engine as long as it takes).
+ENGINE_WAIT_S = float(os.environ.get("CTXROBOT_ENGINE_WAIT_S", "30"))
+#: Exit statuses of a container stopped by a signal from outside the task: `docker stop`
+#: or `docker kill`, the kernel's OOM killer, or the Docker engine shutting down.
+STOPPED_BY_SIGNAL = {128 + 15: "SIGTERM", 128 + 9: "SIGKILL"}
 
 
 @dataclass
@@ -103,6 +112,10 @@ class Runtime:
         self.controllers: dict[str, CpuController] = {}
         self.container_names: dict[str, str] = {}
         self.backend: DockerBackend | None = None
+        self.engine: EngineWatch | None = None
+        # The engine's loss count when each task's container was started: a task started
+        # before the latest loss may have died of it (see `engine_lost_since_start`).
+        self._task_epoch: dict[str, int] = {}
         self.actuator: Actuator | None = None
         self._cgroup_parent: str | None = None
         self.store: RunStore | None = None
@@ -123,6 +136,9 @@ class Runtime:
         self.metrics: MetricsExporter | None = None
         self._usage: dict[str, tuple[float, int]] = {}
         self.failure: str | None = None
+        # Failures no channel shows: a start that failed, a freeze that cannot be undone.
+        self._failures: dict[str, str] = {}
+        self.freezes: FreezeWatch | None = None  # tasks frozen by someone else
         self.task_summaries: dict[str, dict[str, object]] = {}
 
     # -- bring-up ---------------------------------------------------------------------------
@@ -148,7 +164,16 @@ class Runtime:
         duration = self.options.duration_s or scenario.duration_s
         # Replay data are read and decoded before anything starts: no disk I/O while playing.
         sources = build_sources(scenario, self.manifest.data_dir)
-        self.player = ScenarioPlayer(sources.replay, duration, self._emit, loop=self.options.loop)
+        try:
+            self.player = ScenarioPlayer(
+                sources.replay, duration, self._emit, loop=self.options.loop
+            )
+        except ValueError as err:  # the dataset readers name the file and the problem
+            raise UserError(
+                f"cannot replay scenario {scenario.path}: {err}; restore the file "
+                "(`ctxrobot data fetch` re-creates the shared data) or point the scenario "
+                "at another recording"
+            ) from err
         self.live_sources = sources.live
         # The run's clock origin: everything in run.db is relative to it. Playback starts
         # later, once every task has connected (`t_play`).
@@ -169,6 +194,8 @@ class Runtime:
         )
         self.observers.add(self.store, "store")
         self.backend = DockerBackend()
+        self.engine = EngineWatch()
+        self.engine.start()
         # The envelope needs write access to the cgroup tree: fail on it before anything runs.
         self._cgroup_parent = self._make_parent()
         stale = self.backend.cleanup()
@@ -208,7 +235,8 @@ class Runtime:
         return self.parent.docker_parent
 
     def _start_task(self, spec: TaskSpec) -> None:
-        assert self.backend is not None
+        assert self.backend is not None and self.engine is not None
+        self._task_epoch[spec.name] = self.engine.epoch
         channel = TaskChannel(
             spec.name,
             self.run_dir / "sockets" / spec.name,
@@ -258,10 +286,13 @@ class Runtime:
 
     def _container_alive(self, task: str) -> bool:
         assert self.backend is not None
-        container = self.backend.get(self.container_names[task])
-        if container is None:
-            return False
-        container.reload()
+        try:
+            container = self.backend.get(self.container_names[task])
+            if container is None:
+                return False
+            container.reload()
+        except ENGINE_ERRORS:
+            return False  # the engine went away, and the container with it
         return container.status in ("created", "running")
 
     def _await_task(self, spec: TaskSpec) -> None:
@@ -283,10 +314,13 @@ class Runtime:
 
     def _logs_tail(self, task: str, lines: int = 20) -> str:
         assert self.backend is not None
-        container = self.backend.get(self.container_names[task])
-        if container is None:
-            return f"(container of task {task!r} is gone)"
-        text = container.logs(tail=lines).decode(errors="replace").rstrip()
+        try:
+            container = self.backend.get(self.container_names[task])
+            if container is None:
+                return f"(container of task {task!r} is gone)"
+            text = container.logs(tail=lines).decode(errors="replace").rstrip()
+        except ENGINE_ERRORS as err:
+            return f"(logs of task {task!r} are unavailable: the Docker engine: {err})"
         return f"last {lines} log lines of task {task!r}:\n{text}"
 
     def _start_decisions(self, actuator: Actuator) -> None:
@@ -321,28 +355,46 @@ class Runtime:
         self._publish_state(name, "stopped")
 
     def start_task(self, name: str) -> None:
-        """(Re)start one task's container and hand it to the scheduler again."""
+        """(Re)start one task's container and hand it to the scheduler again. A start that
+        fails leaves the task failed (`failed_tasks`), for its restart policy to decide."""
         spec = self.task_spec(name)
         if name in self.channels:
             raise RuntimeError(f"task {name!r} is running; stop or restart it")
-        self._start_task(spec)
-        self._await_task(spec)
+        self._failures.pop(name, None)
+        try:
+            self._start_task(spec)
+            self._await_task(spec)
+        except BaseException as err:
+            self._failures[name] = f"could not be started: {err}"
+            raise
 
     def restart_task(self, name: str) -> None:
         self.stop_task(name)
         self.start_task(name)
 
     def failed_tasks(self) -> dict[str, str]:
-        """Tasks whose connection failed (the container died or misbehaved)."""
-        return {n: str(c.error) for n, c in self.channels.items() if c.error is not None}
+        """Failed tasks and why: the container died, broke the protocol, could not be
+        started, or stays frozen."""
+        failed = {n: str(c.error) for n, c in self.channels.items() if c.error is not None}
+        frozen = self.freezes.failures if self.freezes is not None else {}
+        return {**failed, **frozen, **self._failures}
+
+    def engine_lost_since_start(self, task: str) -> bool:
+        """Whether the Docker engine went away after ``task``'s container was started."""
+        assert self.engine is not None
+        return self.engine.epoch != self._task_epoch.get(task, self.engine.epoch)
 
     def exit_code(self, task: str) -> int | None:
-        """The exit status of a task's container, or None while it still runs (or is gone)."""
+        """The exit status of a task's container, or None while it still runs (or is gone,
+        or the engine does not answer)."""
         assert self.backend is not None
-        container = self.backend.get(self.container_names[task])
-        if container is None:
+        try:
+            container = self.backend.get(self.container_names[task])
+            if container is None:
+                return None
+            container.reload()
+        except ENGINE_ERRORS:
             return None
-        container.reload()
         if container.status != "exited":
             return None
         return int(container.attrs["State"]["ExitCode"])
@@ -359,6 +411,11 @@ class Runtime:
         jobs: dict[str, tuple[float, Callable[[float], None]]] = {
             "usage": (USAGE_PERIOD_S, self._sample_usage)
         }
+        if self.decisions is not None:
+            self.freezes = FreezeWatch(
+                self.controllers, self.decisions, self._thaw, self._publish_state, t0=self.t0
+            )
+            jobs["freezers"] = (USAGE_PERIOD_S, self.freezes.check)
         if (host := self.manifest.context.host) is not None:
             jobs["host"] = (host.period_s, lambda t: self.bus.publish("host", read_host(t)))
         sampler = PeriodicSampler(jobs)
@@ -380,6 +437,10 @@ class Runtime:
                 used[task] = self.machine.share_of(max(0, ns - before[1]), now - before[0])
         if used:
             self.bus.publish("usage", UsageSampled(now, used))
+
+    def _thaw(self, task: str) -> bool:
+        assert self.backend is not None
+        return self.backend.thaw(self.container_names[task])
 
     # -- running ----------------------------------------------------------------------------
     def _emit(self, source: str, fired: Fired) -> None:
@@ -417,8 +478,27 @@ class Runtime:
         failed = self.failed_tasks()
         if failed:
             task, error = next(iter(failed.items()))
-            self.failure = f"task {task!r} failed: {error}\n{self._logs_tail(task)}"
+            self.failure = f"task {task!r} failed: {error}{self._cause(task)}"
+            self.failure += f"\n{self._logs_tail(task)}"
             raise RunFailed(self.failure)
+
+    def _cause(self, task: str) -> str:
+        """What outside the task ended it, when something did (for the failure's line)."""
+        if self.engine_lost_since_start(task):
+            return " (the Docker engine stopped answering during the run)"
+        channel = self.channels.get(task)
+        closed = channel is not None and isinstance(channel.error, (ConnectionClosed, OSError))
+        # The connection closes as the task's process dies; Docker knows it a moment later.
+        deadline = time.monotonic() + (2.0 if closed else 0.0)
+        while (code := self.exit_code(task)) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if code in STOPPED_BY_SIGNAL:
+            return (
+                f" (its container was stopped from outside, exit status {code} "
+                f"({STOPPED_BY_SIGNAL[code]}): `docker stop` or `docker kill`, the kernel's "
+                "OOM killer, or the Docker engine shutting down)"
+            )
+        return ""
 
     def _run_figures(self) -> dict[str, Any]:
         """Whole-run figures the benchmark compares across policies."""
@@ -435,6 +515,7 @@ class Runtime:
             "no_drop": self.options.no_drop,
             "inputs": dict(self.player.counts) if self.player else {},
             "failure": self.failure,
+            "faults": list(self.freezes.faults) if self.freezes is not None else [],
         }
 
     # -- take-down --------------------------------------------------------------------------
@@ -450,13 +531,16 @@ class Runtime:
             self.player.stop()
         for source in self.live_sources:
             source.stop()
+        # The periodic reads call into the decision thread: they stop before it does.
+        for stop in self._extra_stops:
+            stop()
         # Thaw first: a frozen task cannot even answer the end of its stream.
         if self.decisions is not None:
             self.decisions.stop()
+        # What failed during the run, before the end of the stream closes every socket.
+        failed = self.failed_tasks()
         for name, channel in self.channels.items():
             self.task_summaries[name] = channel.finish(timeout_s=10.0)
-        for stop in self._extra_stops:
-            stop()
         try:
             # Every producer has stopped: the observers finish what is queued, and the run's
             # end is recorded before anything below can fail (store.close never raises).
@@ -466,16 +550,19 @@ class Runtime:
             summary = None
             if self.store is not None:
                 duration = self.t_end - self.t0
-                extra = self._run_figures()
+                extra = {**self._run_figures(), "failed_tasks": failed}
                 self.store.close(duration, {"task_summaries": self.task_summaries, **extra})
                 summary = {**summarize(self.store.path), **extra}
         finally:
-            if self.backend is not None:
-                self.backend.cleanup(self.run_id)
+            cleaned = self.backend is None or remove_run(self.backend, self.run_id, ENGINE_WAIT_S)
+            if self.engine is not None:
+                self.engine.stop()
             if self.parent is not None:
                 self.parent.remove()
             if self._guard is not None:
-                guard.release(self._guard)
+                # Containers left (the engine is away): the guard waits for the engine and
+                # removes them; the runtime does not wait for it.
+                guard.release(self._guard, wait=cleaned)
             self.bus.close()
         return summary
 

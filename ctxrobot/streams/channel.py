@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 Overflow = Literal["drop_oldest", "block"]
 
+#: Largest frame a task may send (header and payload): results and the end-of-stream
+#: summary are small JSON objects. A longer frame is a broken task, not memory to allocate.
+DEFAULT_MAX_FRAME_BYTES = 1 << 20
+
 
 class DispatchGate(Protocol):
     """Decides whether the next sample may be sent to the task now."""
@@ -106,10 +110,12 @@ class TaskChannel:
         queue_depth: int = 4,
         overflow: Overflow = "drop_oldest",
         stale_after_s: float | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``stale_after_s``: shed a sample older than this when it would go out (a task's
-        deadline with ``stale: skip``; None: always process)."""
+        deadline with ``stale: skip``; None: always process). ``max_frame_bytes``: the
+        longest frame accepted from the task; a longer one fails the task."""
         self.task = task
         self.socket_dir = socket_dir
         self.socket_path = socket_dir / "task.sock"
@@ -119,6 +125,7 @@ class TaskChannel:
         self._queue: collections.deque[Sample] = collections.deque()
         self._depth = queue_depth
         self._deadline_s = stale_after_s
+        self._max_frame = max_frame_bytes
         self._cond = threading.Condition()
         self.in_flight = InFlightGate(1)
         self.rate = RateGate(None)
@@ -177,11 +184,15 @@ class TaskChannel:
                         f"{timeout_s:.0f} s; check its logs with `docker logs`"
                     ) from None
         conn.settimeout(max(1.0, deadline - self._clock()))
-        header, _ = protocol.recv(conn)
-        if header.get("type") != "hello":
-            raise protocol.ProtocolError(f"task {self.task!r} sent {header!r} before hello")
+        try:
+            header, _ = protocol.recv(conn, self._max_frame)
+            self.pid = protocol.hello_pid(header)
+        except (OSError, protocol.ProtocolError) as exc:
+            conn.close()
+            raise protocol.ProtocolError(
+                f"task {self.task!r} broke the wire protocol before its hello: {exc}"
+            ) from exc
         conn.settimeout(None)
-        self.pid = header.get("pid")
         self._conn = conn
         self._hello.set()
         for target, name in ((self._send_loop, "send"), (self._recv_loop, "recv")):
@@ -280,31 +291,41 @@ class TaskChannel:
         assert self._conn is not None
         try:
             while True:
-                header, _ = protocol.recv(self._conn)
-                now = self._clock()
+                header, _ = protocol.recv(self._conn, self._max_frame)
                 if header["type"] == "result":
-                    result = TaskResult(
-                        task=self.task,
-                        sample_id=int(header["id"]),
-                        t_sensor=float(header["t_sensor"]),
-                        t_start=float(header["t_start"]),
-                        t_end=float(header["t_end"]),
-                        result=header.get("result") or {},
-                    )
-                    with self._cond:
-                        self.received += 1
-                        for gate in self._gates:
-                            gate.ending_execution(result, now)
-                        self._cond.notify_all()
-                    self._bus.publish("task.result", result)
+                    self._on_result(protocol.result_from(header))
                 elif header["type"] == "bye":
-                    self.summary = header.get("summary") or {}
+                    self.summary = protocol.summary_from(header)
                     self._ended.set()
                     return
                 else:
-                    raise protocol.ProtocolError(f"unexpected {header['type']!r} from task")
-        except (OSError, protocol.ProtocolError) as exc:
+                    raise protocol.ProtocolError(f"unexpected message type {header['type']!r}")
+        except protocol.ConnectionClosed as exc:
             self._fail(exc)
+        except protocol.ProtocolError as exc:
+            self._fail(protocol.ProtocolError(f"broke the wire protocol: {exc}"))
+        except OSError as exc:
+            self._fail(exc)
+        except Exception as exc:  # a bug here must fail the task, not silently end the thread
+            log.exception("task %s: receive loop failed", self.task)
+            self._fail(exc)
+
+    def _on_result(self, answer: protocol.Result) -> None:
+        now = self._clock()
+        result = TaskResult(
+            task=self.task,
+            sample_id=answer.id,
+            t_sensor=answer.t_sensor,
+            t_start=answer.t_start,
+            t_end=answer.t_end,
+            result=answer.result,
+        )
+        with self._cond:
+            self.received += 1
+            for gate in self._gates:
+                gate.ending_execution(result, now)
+            self._cond.notify_all()
+        self._bus.publish("task.result", result)
 
     def _fail(self, exc: BaseException) -> None:
         """The task died or spoke nonsense: say so once on the bus, wake everyone."""
@@ -316,10 +337,15 @@ class TaskChannel:
             self._queue.clear()
             self._cond.notify_all()
         self._ended.set()
-        log.error("task %s: connection failed: %s", self.task, exc)
+        log.error("task %s failed: %s", self.task, exc)
         self._bus.publish(
             "task.state", TaskStateChanged(self._clock(), self.task, "failed", str(exc))
         )
+        # The task may still be alive and writing: stop reading it. The send loop wakes on
+        # the closed queue and ends too.
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.shutdown(socket.SHUT_RDWR)
 
     # -- shutdown --------------------------------------------------------------------------
     def wait_idle(self, timeout_s: float) -> bool:
