@@ -9,6 +9,7 @@ people's containers, and stopping it would kill them.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -37,7 +38,11 @@ __all__ = ["data"]  # a fixture of the faults tests, used here too
 
 class PrivateEngine:
     """A second dockerd of this test's own (its own socket, data and state folders): the
-    machine's engine runs other people's containers, and stopping it would kill them."""
+    machine's engine runs other people's containers, and stopping it would kill them.
+
+    It runs in a network namespace of its own: a dockerd without a default bridge
+    (``--bridge none``; the tasks need no network) deletes any ``docker0`` interface it
+    sees, which in the host's namespace is the machine engine's bridge."""
 
     RUN = Path("/run/ctxrobot-test-engine")
     ROOT = Path("/var/lib/ctxrobot-test-engine")
@@ -54,6 +59,8 @@ class PrivateEngine:
         with (self.ROOT / "dockerd.log").open("ab") as log:
             self.proc = subprocess.Popen(
                 [
+                    "unshare",
+                    "--net",
                     "dockerd",
                     "--host",
                     f"unix://{self.socket}",
@@ -121,10 +128,9 @@ class PrivateEngine:
 @pytest.fixture(scope="module")
 def engine() -> Iterator[PrivateEngine]:
     require_image("ctxrobot/signs")
-    if os.geteuid() != 0 or not any(
-        Path(p, "dockerd").exists() for p in os.environ.get("PATH", "").split(":")
-    ):
-        skip_unless_ci("a private Docker engine needs root and dockerd")
+    if os.geteuid() != 0 or not (shutil.which("dockerd") and shutil.which("unshare")):
+        skip_unless_ci("a private Docker engine needs root, dockerd and unshare")
+    host_interfaces = set(os.listdir("/sys/class/net"))
     private = PrivateEngine()
     private.start()
     try:
@@ -135,6 +141,7 @@ def engine() -> Iterator[PrivateEngine]:
         yield private
     finally:
         private.stop()
+    assert set(os.listdir("/sys/class/net")) == host_interfaces, "the host's network is intact"
 
 
 def guard_of(pid: int) -> psutil.Process:
