@@ -153,12 +153,20 @@ class Run:
     """`ctxrobot run` as a user starts it, in the background. Its output goes to files:
     the guard it starts writes to the same stderr and may outlive it."""
 
-    def __init__(self, manifest: Path, out: Path, *args: str, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        manifest: Path,
+        out: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        json_summary: bool = True,
+    ) -> None:
         self.out = out
         logs = manifest.parent  # not beside the run folder: that may be on a full disk
         self.stdout_path, self.stderr_path = logs / "run.stdout", logs / "run.stderr"
         with self.stdout_path.open("w") as stdout, self.stderr_path.open("w") as stderr:
-            command = ["run", "--config", str(manifest), "--out", str(out), "--json", *args]
+            command = ["run", "--config", str(manifest), "--out", str(out), *args]
+            command += ["--json"] if json_summary else []
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ctxrobot", *command],
                 stdout=stdout,
@@ -186,8 +194,11 @@ class Run:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
-        lines = self.stdout_path.read_text().strip().splitlines()
+        lines = self.stdout().strip().splitlines()
         return self.proc.returncode, json.loads(lines[-1]) if lines else None, self.stderr()
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
 
 
 @pytest.fixture
@@ -267,6 +278,17 @@ def test_a_task_that_breaks_the_protocol_fails_the_run(
     row = run_row(tmp_path / "run")
     assert row["ended_utc"] and row["id"]
     assert not run_containers(row["id"]), "nothing left behind"
+
+
+def test_the_printed_summary_names_the_failed_task(tmp_path: Path, data: Path) -> None:
+    frame, said = GARBAGE["result without id"]
+    manifest = write_manifest(tmp_path / "robot.yaml", data, extra=garbage_command(frame))
+    run = Run(manifest, tmp_path / "run", "--duration", "60", json_summary=False)
+    assert run.proc.wait(180) == 1
+    printed = run.stdout()
+    print("\n" + printed)
+    assert "samples" in printed and "p99 ms" in printed, "the summary table"
+    assert f"failed: task signs: broke the wire protocol: {said}" in printed
 
 
 # -- the daemon: pause and protocol faults ---------------------------------------------------

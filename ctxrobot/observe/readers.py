@@ -368,3 +368,13 @@ def print_summary(summary: Mapping[str, Any], console: Console) -> None:
             f"recording: {recording['rows_lost']} row(s) could not be written to the run "
             f"database ({recording.get('write_error')}); the numbers above leave them out"
         )
+    # Reasons quote what a task sent: printed as they are, never read as markup.
+    for task, why in (summary.get("failed_tasks") or {}).items():
+        console.print(f"failed: task {task}: {why}", markup=False, highlight=False)
+    for fault in summary.get("faults") or []:
+        console.print(
+            f"fault: task {fault['task']} {fault['fault']} at {fault['t_s']:.1f} s: "
+            f"{fault['outcome']}",
+            markup=False,
+            highlight=False,
+        )
