@@ -3,7 +3,9 @@
 engine to remove what the engine left behind.
 
 On a private engine of the test's own (`PrivateEngine`): the machine's engine runs other
-people's containers, and stopping it would kill them.
+people's containers, and stopping it would kill them. With CTXROBOT_TEST_MACHINE_ENGINE=1,
+on a machine where no other container runs, the same tests stop and start the machine's
+own engine (`MachineEngine`).
 """
 
 from __future__ import annotations
@@ -125,22 +127,69 @@ class PrivateEngine:
             assert save.wait() == 0
 
 
+class MachineEngine:
+    """The machine's own engine, stopped and started as tools/setup starts it (an engine
+    not under systemd). Only with CTXROBOT_TEST_MACHINE_ENGINE=1 and no other container on
+    it: stopping it kills every container."""
+
+    PIDFILE = Path("/var/run/docker.pid")
+    LOG = Path("/var/log/ctxrobot-dockerd.log")
+
+    def __init__(self) -> None:
+        self.env = {k: v for k, v in os.environ.items() if k != "DOCKER_HOST"}
+
+    def answers(self) -> bool:
+        return subprocess.run(["docker", "info"], capture_output=True, env=self.env).returncode == 0
+
+    def start(self) -> None:
+        if self.answers():
+            return
+        with self.LOG.open("ab") as log:
+            subprocess.Popen(
+                ["nohup", "dockerd"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        until("the machine's engine to answer", self.answers, 90)
+
+    def stop(self) -> None:
+        engine = psutil.Process(int(self.PIDFILE.read_text().strip()))
+        engine.terminate()
+        engine.wait(90)
+
+    def load(self, image: str) -> None:
+        """The machine's engine has the images already."""
+
+
+Engine = PrivateEngine | MachineEngine
+
+
 @pytest.fixture(scope="module")
-def engine() -> Iterator[PrivateEngine]:
+def engine() -> Iterator[Engine]:
     require_image("ctxrobot/signs")
     if os.geteuid() != 0 or not (shutil.which("dockerd") and shutil.which("unshare")):
         skip_unless_ci("a private Docker engine needs root, dockerd and unshare")
     host_interfaces = set(os.listdir("/sys/class/net"))
-    private = PrivateEngine()
-    private.start()
+    chosen: Engine = PrivateEngine()
+    if os.environ.get("CTXROBOT_TEST_MACHINE_ENGINE") == "1":
+        chosen = MachineEngine()
+        others = docker("ps", "-aq").split()
+        if others:
+            pytest.skip(f"{len(others)} other container(s) run on the machine's engine")
+    chosen.start()
     try:
-        private.load("ctxrobot/signs")
-        leftovers = docker("ps", "-aq", env=private.env).split()
+        chosen.load("ctxrobot/signs")
+        leftovers = docker("ps", "-aq", env=chosen.env).split()
         if leftovers:
-            docker("rm", "-f", *leftovers, env=private.env)
-        yield private
+            docker("rm", "-f", *leftovers, env=chosen.env)
+        yield chosen
     finally:
-        private.stop()
+        if isinstance(chosen, MachineEngine):
+            chosen.start()  # never leave the machine's engine stopped
+        else:
+            chosen.stop()
     assert set(os.listdir("/sys/class/net")) == host_interfaces, "the host's network is intact"
 
 
@@ -150,15 +199,13 @@ def guard_of(pid: int) -> psutil.Process:
     return next(p for p in children if "ctxrobot.service.guard" in p.cmdline())
 
 
-def restart(engine: PrivateEngine, down_s: float = 3.0) -> None:
+def restart(engine: Engine, down_s: float = 3.0) -> None:
     engine.stop()
     time.sleep(down_s)  # an engine that stays away a while, as on a real restart
     engine.start()
 
 
-def test_the_daemon_survives_an_engine_restart(
-    tmp_path: Path, data: Path, engine: PrivateEngine
-) -> None:
+def test_the_daemon_survives_an_engine_restart(tmp_path: Path, data: Path, engine: Engine) -> None:
     """The daemon waits for the engine, then restarts the tasks the engine killed, without
     spending their restart budget (max_retries 0 here: a crash would not be restarted)."""
     daemon = Daemon(
@@ -197,7 +244,7 @@ def test_the_daemon_survives_an_engine_restart(
 
 
 def test_run_ends_cleanly_when_the_engine_restarts(
-    tmp_path: Path, data: Path, engine: PrivateEngine
+    tmp_path: Path, data: Path, engine: Engine
 ) -> None:
     run = Run(
         write_manifest(tmp_path / "robot.yaml", data),
@@ -224,7 +271,7 @@ def test_run_ends_cleanly_when_the_engine_restarts(
     assert not run_containers(run_id, engine.env), "nothing left behind"
 
 
-def test_the_guard_waits_for_the_engine(tmp_path: Path, data: Path, engine: PrivateEngine) -> None:
+def test_the_guard_waits_for_the_engine(tmp_path: Path, data: Path, engine: Engine) -> None:
     """Runtime killed (kill -9) while the engine is away: its guard waits for the engine,
     then removes the containers the engine left `Exited`."""
     run = Run(
