@@ -300,12 +300,10 @@ class TaskChannel:
                     return
                 else:
                     raise protocol.ProtocolError(f"unexpected message type {header['type']!r}")
-        except protocol.ConnectionClosed as exc:
+        except (protocol.ConnectionClosed, OSError) as exc:  # the task died, or hung up
             self._fail(exc)
         except protocol.ProtocolError as exc:
             self._fail(protocol.ProtocolError(f"broke the wire protocol: {exc}"))
-        except OSError as exc:
-            self._fail(exc)
         except Exception as exc:  # a bug here must fail the task, not silently end the thread
             log.exception("task %s: receive loop failed", self.task)
             self._fail(exc)
