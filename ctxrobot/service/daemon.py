@@ -226,6 +226,7 @@ class Daemon:
                     if state.judge_at is None:
                         outside = exit_code in STOPPED_BY_SIGNAL
                         state.judge_at = now + (ENGINE_SHUTDOWN_S if outside else 0.0)
+                        self._publish(name, "crashed", error)
                     if now >= state.judge_at:
                         state.judge_at = None
                         self._schedule(name, state, error, exit_code, now)
@@ -239,7 +240,6 @@ class Daemon:
     ) -> None:
         """A task just failed: give up on it, or set the time of its next restart."""
         policy = self.runtime.task_spec(name).restart
-        self._publish(name, "crashed", error)
         if not should_restart(policy, exit_code, state.count):
             state.given_up = True
             self._publish(
