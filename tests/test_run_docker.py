@@ -176,7 +176,7 @@ def test_run_prints_a_json_summary_and_cleans_up(tmp_path: Path, data: Path) -> 
     assert summary["policy"] == "ctx"
     assert summary["duration_s"] > 0
     signs = summary["tasks"]["signs"]
-    assert signs["samples"] > 20  # 5 fps camera for 15 s, minus what the 2-deep queue dropped
+    assert signs["samples"] > 20  # a 30 fps camera for 15 s, minus what the 2-deep queue dropped
     assert signs["latency_ms"]["p50"] > 0
     assert signs["latency_ms"]["p50"] <= signs["latency_ms"]["p95"] <= signs["latency_ms"]["p99"]
     assert {"p50", "p99"} <= set(summary["actuation_ms"])
