@@ -388,7 +388,11 @@ class DockerBackend:
         filters = [f"{LABEL_MANAGED}=1"]
         if run_id is not None:
             filters.append(f"{LABEL_RUN}={run_id}")
-        return self.client.containers.list(all=True, filters={"label": filters})
+        # A container removed between the listing and its inspection (another run's
+        # cleanup, a guard) is simply not listed.
+        return self.client.containers.list(
+            all=True, filters={"label": filters}, ignore_removed=True
+        )
 
     def _is_stale(self, container: Container) -> bool:
         """Ours, and the process that created it is gone."""
