@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +122,14 @@ def run_containers(run_id: str, env: dict[str, str] | None = None) -> list[str]:
 
 
 def run_row(out: Path) -> dict[str, Any]:
-    with sqlite3.connect(f"file:{out / 'run.db'}?mode=ro", uri=True) as conn:
+    # closing(): a reader left open would keep the runtime from folding its WAL at the end.
+    with closing(sqlite3.connect(f"file:{out / 'run.db'}?mode=ro", uri=True)) as conn:
         conn.row_factory = sqlite3.Row
         return dict(conn.execute("SELECT * FROM run").fetchone())
 
 
 def task_states(out: Path, task: str) -> list[tuple[str, str]]:
-    with sqlite3.connect(f"file:{out / 'run.db'}?mode=ro", uri=True) as conn:
+    with closing(sqlite3.connect(f"file:{out / 'run.db'}?mode=ro", uri=True)) as conn:
         rows = conn.execute(
             "SELECT state, detail FROM task_states WHERE task = ? ORDER BY t", (task,)
         )
@@ -181,7 +183,7 @@ class Run:
     def samples(self) -> int:
         if self.proc.poll() is not None:
             raise AssertionError(f"run ended early:\n{self.stderr()}")
-        with sqlite3.connect(f"file:{self.out / 'run.db'}?mode=ro", uri=True) as conn:
+        with closing(sqlite3.connect(f"file:{self.out / 'run.db'}?mode=ro", uri=True)) as conn:
             return int(conn.execute("SELECT count(*) FROM samples").fetchone()[0])
 
     def run_id(self) -> str:
