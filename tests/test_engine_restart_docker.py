@@ -53,6 +53,8 @@ class PrivateEngine:
         self.socket = self.RUN / "docker.sock"
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.socket}"}
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Containers outlive the engine (dockerd --live-restore), from the next start on.
+        self.live_restore = False
 
     def start(self) -> None:
         self.RUN.mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,7 @@ class PrivateEngine:
                     "none",
                     "--iptables=false",
                     "--ip-masq=false",
+                    *(["--live-restore"] if self.live_restore else []),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -296,3 +299,38 @@ def test_the_guard_waits_for_the_engine(tmp_path: Path, data: Path, engine: Engi
         90,
     )
     guard.wait(60)
+
+
+def test_the_daemon_readopts_tasks_that_outlive_the_engine(
+    tmp_path: Path, data: Path, engine: Engine
+) -> None:
+    """With live-restore the containers survive an engine restart: the daemon keeps them
+    (same container, no restart) and goes on using the engine once it is back."""
+    if not isinstance(engine, PrivateEngine):
+        pytest.skip("the machine's engine is not configured with live-restore")
+    engine.live_restore = True
+    restart(engine, down_s=0.0)
+    try:
+        daemon = Daemon(
+            tmp_path, write_manifest(tmp_path / "robot.yaml", data, retries=0), env=engine.env
+        )
+        try:
+            until("signs running", lambda: daemon.signs()["samples"] > 0, 180)
+            run_id = run_row(daemon.out)["id"]
+            name = container_of(run_id, "signs")
+            old = docker("inspect", "-f", "{{.Id}}", name, env=engine.env)
+            restart(engine)
+            before = daemon.signs()["samples"]
+            until("signs processing on", lambda: daemon.signs()["samples"] > before + 5, 60)
+            assert docker("inspect", "-f", "{{.Id}}", name, env=engine.env) == old
+            assert daemon.signs()["state"] == "running"
+            assert daemon.client.call("ps")[0]["name"] == name, "the engine answers the daemon"
+        finally:
+            assert daemon.stop() == 0, daemon.logs()[-3000:]
+        logs = daemon.logs()
+        assert "the Docker engine stopped answering" in logs and "answers again" in logs
+        assert "task signs restart" not in logs, "no task was restarted"
+        assert not run_containers(run_id, engine.env), "nothing left behind"
+    finally:
+        engine.live_restore = False
+        restart(engine, down_s=0.0)
