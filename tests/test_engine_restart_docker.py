@@ -324,6 +324,7 @@ def test_the_daemon_readopts_tasks_that_outlive_the_engine(
             until("signs processing on", lambda: daemon.signs()["samples"] > before + 5, 60)
             assert docker("inspect", "-f", "{{.Id}}", name, env=engine.env) == old
             assert daemon.signs()["state"] == "running"
+            until("the daemon to see the engine back", lambda: "answers again" in daemon.logs())
             assert daemon.client.call("ps")[0]["name"] == name, "the engine answers the daemon"
         finally:
             assert daemon.stop() == 0, daemon.logs()[-3000:]
