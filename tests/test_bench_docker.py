@@ -242,6 +242,7 @@ def _check_contract(doc: dict) -> None:
         "shed",
         "quality",
         "quality_vs_isolated",
+        "quality_scored",
     ):
         assert set(doc[key]) == policies, key
     # The keys earlier benches had stay, for whoever reads them.
@@ -278,6 +279,7 @@ def _check_contract(doc: dict) -> None:
             assert 0.0 <= quality[metric] <= 1.0 + (metric == "wer"), (policy, metric)
         assert 0.0 <= quality["slam_trans_error_m"] < 1.0, policy
         assert 0.0 <= quality["slam_rot_error_deg"] < 90.0, policy
+        assert doc["quality_scored"][policy]["signs"]["frames"] > 0, policy
         rate = doc["critical_miss_rate"][policy]
         assert rate is not None and 0.0 <= rate <= 1.0, policy
     assert all(v == 0.0 for v in doc["quality_vs_isolated"]["isolated"].values() if v is not None)

@@ -13,7 +13,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ctxrobot.bench.plan import Envelope
-from ctxrobot.bench.quality import QUALITY_METRICS, metrics_of, relative_change, worst_loss
+from ctxrobot.bench.quality import (
+    QUALITY_METRICS,
+    metrics_of,
+    relative_change,
+    scored_of,
+    worst_loss,
+)
 from ctxrobot.bench.rundata import RunResult, TaskRun
 
 
@@ -92,6 +98,13 @@ class Trial:
             out |= metrics_of(r)
         return out
 
+    @property
+    def scored(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for r in self.runs:
+            out |= scored_of(r)
+        return out
+
     def task_stats(self) -> dict[str, dict[str, float | None]]:
         out: dict[str, dict[str, float | None]] = {}
         for name, tr in self.tasks.items():
@@ -141,6 +154,16 @@ def _task_medians(ts: Sequence[Trial]) -> dict[str, dict[str, float | None]]:
             for k, v in stats.items():
                 per_key[k].append(v)
     return {n: {k: median(v) for k, v in st.items()} for n, st in values.items()}
+
+
+def _scored_medians(ts: Sequence[Trial]) -> dict[str, dict[str, float | None]]:
+    """Per task, the median over trials of each count its scorer reported."""
+    values: dict[str, dict[str, list[float | None]]] = {}
+    for t in ts:
+        for task, counts in t.scored.items():
+            for k, v in counts.items():
+                values.setdefault(task, {}).setdefault(k, []).append(v)
+    return {task: {k: median(v) for k, v in c.items()} for task, c in values.items()}
 
 
 def _lower_bound(
@@ -193,6 +216,7 @@ def envelope_document(
         p: {m: median(t.quality.get(m) for t in ts) for m in QUALITY_METRICS}
         for p, ts in trials.items()
     }
+    doc["quality_scored"] = {p: _scored_medians(ts) for p, ts in trials.items()}
     doc["isolated_cpu_s"], doc["lower_bound_s"] = _lower_bound(trials, scenario_s, cores)
     _add_ratios(doc, policies)
     doc["scenario_s"] = scenario_s

@@ -34,6 +34,10 @@ QUALITY_METRICS: dict[str, int] = {
     "stop_precision": +1,
     "wer": -1,
 }
+#: Counts the scorers report beside their metrics: how much of a run could be scored. A
+#: policy that sheds work is scored on what it processed (e.g. sign detection on the
+#: frames it looked at), so these say how much that was.
+SCORED_COUNTS = ("relations", "frames", "stop_frames", "utterances")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +131,15 @@ def metrics_of(result: RunResult) -> dict[str, float | None]:
             if doc is not None and metric in doc:
                 out[metric] = doc[metric]
     return out
+
+
+def scored_of(result: RunResult) -> dict[str, dict[str, float]]:
+    """Per scored task, the counts of what its scorer could score in this run."""
+    return {
+        task: {k: doc[k] for k in SCORED_COUNTS if doc.get(k) is not None}
+        for task, doc in result.quality.items()
+        if doc is not None and "error" not in doc
+    }
 
 
 def relative_change(value: float | None, reference: float | None) -> float | None:

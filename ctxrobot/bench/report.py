@@ -148,8 +148,10 @@ def _quality_table(env: Mapping[str, Any], policies: Sequence[str]) -> list[str]
         "Quality, and its relative change against `isolated` (errors and WER: lower is "
         "better; recall and precision: higher is better):",
         "",
-        "| policy | " + " | ".join(name for _, name, _ in QUALITY_COLUMNS) + " | worst loss |",
-        "|---|" + "---|" * (len(QUALITY_COLUMNS) + 1),
+        "| policy | "
+        + " | ".join(name for _, name, _ in QUALITY_COLUMNS)
+        + " | worst loss | scored |",
+        "|---|" + "---|" * (len(QUALITY_COLUMNS) + 2),
     ]
     for p in policies:
         q, change = env["quality"][p], env["quality_vs_isolated"][p]
@@ -158,8 +160,24 @@ def _quality_table(env: Mapping[str, Any], policies: Sequence[str]) -> list[str]
             for key, _, digits in QUALITY_COLUMNS
         ]
         worst = "–" if p == "isolated" else _pct(env["quality_loss_vs_isolated"][p])
-        lines.append(f"| {p} | " + " | ".join(cells) + f" | {worst} |")
-    return [*lines, ""]
+        lines.append(f"| {p} | " + " | ".join(cells) + f" | {worst} | {_scored(env, p)} |")
+    return [
+        *lines,
+        "",
+        "*Scored*: what each scorer could score (SLAM relations, frames and Stop frames the "
+        "sign detector looked at, utterances). A task is scored on the work it processed: "
+        "frames a policy shed are not in the Stop recall.",
+        "",
+    ]
+
+
+def _scored(env: Mapping[str, Any], policy: str) -> str:
+    by_task = env.get("quality_scored", {}).get(policy, {})
+    return "; ".join(
+        f"{task} "
+        + ", ".join(f"{v:.0f} {k.replace('_', ' ')}" for k, v in counts.items() if v is not None)
+        for task, counts in by_task.items()
+    )
 
 
 def _task_table(env: Mapping[str, Any], policies: Sequence[str]) -> list[str]:
