@@ -41,7 +41,7 @@ def test_repeats_are_interleaved_and_isolated_runs_one_task_each(tmp_path: Path)
     small, large = Envelope(0.25, 2.0), Envelope(1.0, 0.5)
     steps = plan_runs(("isolated", "cfs", "ctx"), ("a", "b"), 2, tmp_path, [small, large], 2)
     labels = [[(r.repeat, r.envelope.label, r.label) for r in step] for step in steps]
-    # Two small envelopes fit in half the machine: side by side; two large ones do not.
+    # Two small envelopes leave half a core free: side by side; two large ones do not.
     rep0 = [
         [(0, "L2", "isolated:a"), (0, "L2", "isolated:b")],
         [(0, "L2", "cfs")],

@@ -124,7 +124,7 @@ def add_bench_parser(subparsers: Any) -> None:
         action="store_true",
         help=f"the 28 s {QUICK_SCENARIO.name} at load {HEADLINE_LOAD:g}, one repeat, policies "
         f"{','.join(QUICK_POLICIES)}, demand from one run, isolated runs side by side "
-        "(~4 min on 2 cores)",
+        "(3.5 min on 2 cores)",
     )
     env = p.add_mutually_exclusive_group()
     env.add_argument(

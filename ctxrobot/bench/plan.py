@@ -2,10 +2,10 @@
 
 A bench is a list of *steps*; the runs of one step go side by side, the steps one after
 the other. Almost every step is one run. The exception is a load's ``isolated`` runs (one
-task alone each): when their envelopes together take at most half the machine, they share
-a step, because each is confined to its own envelope (a CFS quota on its own parent
-cgroup) and the machine has room for all of them, so running them one by one would only
-make the bench longer.
+task alone each): when their envelopes together leave half a core of the machine free (for
+the runtimes and the system), they share a step, because each is confined to its own
+envelope (a CFS quota on its own parent cgroup) and the machine has room for all of them
+at once, so running them one by one would only make the bench longer.
 
 Repeats are interleaved (A B C A B C …, not A A B B C C) across policies and loads, so
 that drift on the machine (thermal throttling, a neighbour's load) falls on every policy
@@ -27,6 +27,8 @@ DEFAULT_LOADS = (0.5, 1.0, 1.5, 2.0, 3.0)
 HEADLINE_LOAD = 2.0
 #: The bench's own name for the whole-machine runs that measure the robot's demand.
 DEMAND = "demand"
+#: CPUs a step of side-by-side runs leaves free for their runtimes and the rest of the system.
+SIDE_BY_SIDE_SPARE_CPUS = 0.5
 #: Longest path a Unix socket may bind to on Linux (sun_path is 108 bytes with its NUL).
 UNIX_PATH_MAX = 107
 
@@ -84,7 +86,9 @@ def demand_runs(tasks: Sequence[str], out: Path, *, together: bool) -> list[list
 
 def isolated_side_by_side(envelope: Envelope, n_tasks: int, usable_cores: int) -> bool:
     """Whether one load's isolated runs may share a step (see the module docstring)."""
-    return envelope.cpus is not None and n_tasks * envelope.cpus <= usable_cores / 2
+    if envelope.cpus is None:
+        return False
+    return n_tasks * envelope.cpus <= usable_cores - SIDE_BY_SIDE_SPARE_CPUS
 
 
 def plan_runs(

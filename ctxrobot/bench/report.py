@@ -81,7 +81,7 @@ def _header(doc: Mapping[str, Any]) -> list[str]:
         "shedding only what its rules allow. Latencies count processed samples only (shed "
         "ones are counted under *shed*). Critical p99: samples sensed while a rule made "
         "their task critical, pooled over tasks. A load's isolated runs go side by side "
-        "when their envelopes together fit in half the machine (each has its own quota).",
+        "when their envelopes together leave half a core free (each has its own quota).",
         "",
     ]
     return lines
