@@ -147,6 +147,11 @@ def test_every_task_is_scored_on_the_dataset_its_source_replays() -> None:
         "signs": ("ctxtask.datasets.signs", data / "signs" / "road-sign-detection-subset"),
         "speech": ("ctxtask.datasets.speech", data / "speech"),
     }
+    # The camera's scorer knows the photo of every frame the scenario shows (30 fps).
+    shown = by_task["signs"].shown
+    assert shown is not None and len(shown) == 30 * 28 + 1
+    assert shown.count("road22.png") == 90, "the first Stop photo, held 3 s"
+    assert by_task["slam"].shown is None
 
 
 def test_quality_loss_reads_each_metric_the_right_way_round() -> None:

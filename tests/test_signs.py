@@ -460,3 +460,31 @@ def test_score_run_on_real_task_results(tmp_path: Path) -> None:
         ds.score_run([{"name": "road9999.png", "detections": []}], folder)
     with pytest.raises(ValueError, match="names no frame"):
         ds.score_run([{"detections": []}], folder)
+
+
+def test_score_shown_scores_every_frame_with_what_the_robot_believed() -> None:
+    """Every frame shown counts, shed ones with the task's last report: shedding costs the
+    recall it loses, and a held detection outlives the photo it was made on."""
+    folder = _models() / "road-sign-detection-subset"
+    stops, negatives = _stop_and_negative_photos()
+    stop, other = stops[0].image_path.name, negatives[0].image_path.name
+    found = {"name": stop, "detections": [{"class_id": STOP_CLASS_ID}]}
+    nothing = {"name": other, "detections": []}
+    shown = [other, other, stop, stop, stop, other]
+    every_frame = {0: nothing, 1: nothing, 2: found, 3: found, 4: found, 5: nothing}
+    assert ds.score_shown(shown, every_frame, folder) == {
+        "stop_recall": 1.0,
+        "stop_precision": 1.0,
+        "frames": 6,
+        "stop_frames": 3,
+        "processed": 6,
+    }
+    # At 1 Hz the detector sees frames 0 and 3 only: frame 2 is a miss (the robot still
+    # believes the street is clear), frame 5 a false alarm (it still believes in the sign).
+    shed = {0: nothing, 1: {"shed": "rate"}, 3: found}
+    score = ds.score_shown(shown, shed, folder)
+    assert score["stop_recall"] == pytest.approx(2 / 3)
+    assert score["stop_precision"] == pytest.approx(2 / 3)
+    assert score["processed"] == 2
+    with pytest.raises(ValueError, match="road9999.png was shown but has no annotation"):
+        ds.score_shown(["road9999.png"], {}, folder)

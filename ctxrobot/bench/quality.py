@@ -6,8 +6,10 @@ dataset_dir)`` in ``ctxtask.datasets``), on the dataset that source replays:
 - a **laser log** (SLAM): the Freiburg relation error over the scans it posed —
   ``slam_trans_error_m``, ``slam_rot_error_deg``; the log folder holds the ``*.relations``;
 - **camera stills** (sign detection): Stop-sign recall over the frames a Stop photo was shown
-  on, precision over the frames it was not — ``stop_recall``, ``stop_precision``; the
-  dataset is the detection folder (``images/`` + ``annotations/``) the photos come from;
+  on, precision over the frames it was not — ``stop_recall``, ``stop_precision`` — scored on
+  *every frame shown*, shed ones included, with what the robot believed then (the task's
+  last report): shedding frames costs exactly the recall it loses. The dataset is the
+  detection folder (``images/`` + ``annotations/``) the photos come from;
 - a **microphone** (speech): word error rate over the utterances played — ``wer``; the
   dataset is the folder whose ``transcripts.tsv`` the recordings are listed in.
 
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ctxrobot.bench.rundata import RunResult
+from ctxrobot.streams.replay import CameraReplay, build_sources
 
 #: The headline metrics, and which way is better (+1: higher, −1: lower).
 QUALITY_METRICS: dict[str, int] = {
@@ -37,7 +40,7 @@ QUALITY_METRICS: dict[str, int] = {
 #: Counts the scorers report beside their metrics: how much of a run could be scored. A
 #: policy that sheds work is scored on what it processed (e.g. sign detection on the
 #: frames it looked at), so these say how much that was.
-SCORED_COUNTS = ("relations", "frames", "stop_frames", "utterances")
+SCORED_COUNTS = ("relations", "frames", "stop_frames", "processed", "utterances")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,19 +50,24 @@ class Scorer:
 
     module: str
     dataset: Path
+    #: For a replayed camera: the photo each frame shows (frame k = sample id k), so every
+    #: frame is scored, shed ones included (``ctxtask.datasets.signs.score_shown``).
+    shown: tuple[str, ...] | None = None
 
-    def score(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+    def score(self, results: list[dict[str, Any]], ids: list[int]) -> dict[str, Any]:
         """The scorer's document (NaN as None), or ``{"error": …}`` saying why there is none.
 
         A failing scorer must not cost a bench of many runs: its message is kept instead.
         """
-        score_run = getattr(importlib.import_module(self.module), "score_run", None)
-        if score_run is None:
-            return {"error": f"{self.module} has no score_run yet"}
+        module = importlib.import_module(self.module)
         try:
-            doc = score_run(results, self.dataset)
+            if self.shown is not None:
+                by_id = dict(zip(ids, results, strict=True))
+                doc = module.score_shown(self.shown, by_id, self.dataset)
+            else:
+                doc = module.score_run(results, self.dataset)
         except (ValueError, OSError, KeyError, TypeError) as err:
-            return {"error": f"{self.module}.score_run: {type(err).__name__}: {err}"}
+            return {"error": f"{self.module}: {type(err).__name__}: {err}"}
         return {k: _finite(v) for k, v in doc.items()}
 
 
@@ -85,8 +93,9 @@ def _speech_dataset(folder: Path) -> bool:
     return (folder / "transcripts.tsv").is_file()
 
 
-def _scorer_for(source: Any, root: Path) -> Scorer | None:
-    """The scorer of a replayed source, or None when it replays nothing with ground truth."""
+def _scorer_for(source: Any, root: Path, frames: list[Path] | None) -> Scorer | None:
+    """The scorer of a replayed source, or None when it replays nothing with ground truth;
+    ``frames``: a camera's photo per frame."""
     if source.kind == "laser_replay":
         has_relations = any(Path(source.log).glob("*.relations"))
         return Scorer("ctxtask.datasets.laser", Path(source.log)) if has_relations else None
@@ -96,7 +105,8 @@ def _scorer_for(source: Any, root: Path) -> Scorer | None:
             shown.append(Path(source.idle.dir))
         found = {_ancestor(p, _signs_dataset, root) for p in shown}
         folder = found.pop() if len(found) == 1 else None  # one dataset, or no single truth
-        return None if folder is None else Scorer("ctxtask.datasets.signs", folder)
+        names = None if frames is None else tuple(p.name for p in frames)
+        return None if folder is None else Scorer("ctxtask.datasets.signs", folder, names)
     if source.kind == "audio_replay":
         found = {_ancestor(Path(p.file).parent, _speech_dataset, root) for p in source.play}
         folder = found.pop() if len(found) == 1 else None
@@ -107,10 +117,16 @@ def _scorer_for(source: Any, root: Path) -> Scorer | None:
 def scorers(manifest: Any) -> dict[str, Scorer]:
     """Task → its scorer, for the tasks whose input replays a dataset with ground truth."""
     scenario = manifest.scenario
+    cameras = {
+        s.name: s.shown(scenario.duration_s)
+        for s in build_sources(scenario, Path(scenario.data_dir)).replay
+        if isinstance(s, CameraReplay)
+    }
     out: dict[str, Scorer] = {}
     for task in manifest.tasks:
         source = scenario.sources.get(task.input)
-        scorer = None if source is None else _scorer_for(source, Path(scenario.data_dir))
+        shown = cameras.get(task.input)
+        scorer = None if source is None else _scorer_for(source, Path(scenario.data_dir), shown)
         if scorer is not None:
             out[task.name] = scorer
     return out
@@ -120,7 +136,7 @@ def score_run(result: RunResult, by_task: Mapping[str, Scorer]) -> None:
     """Score every task of ``result`` that has a scorer, into ``result.quality``."""
     for task, tr in result.tasks.items():
         scorer = by_task.get(task)
-        result.quality[task] = None if scorer is None else scorer.score(tr.results)
+        result.quality[task] = None if scorer is None else scorer.score(tr.results, tr.result_ids)
 
 
 def metrics_of(result: RunResult) -> dict[str, float | None]:

@@ -40,6 +40,8 @@ class TaskRun:
     cpu_s: float = 0.0
     #: Every result dict in sample-id order, shed ones included: what the scorers read.
     results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: The sample id of each of ``results``.
+    result_ids: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def processed(self) -> int:
@@ -79,17 +81,18 @@ def read_run(spec: RunSpec, summary: dict[str, Any], crit: Mapping[str, set[str]
         t0 = conn.execute("SELECT t0 FROM run").fetchone()[0]
         tasks = {r[0]: TaskRun() for r in conn.execute("SELECT name FROM tasks ORDER BY rowid")}
         rows = conn.execute(
-            "SELECT task, t_sensor, t_start, t_end, latency_ms, deadline_miss, result_json "
-            "FROM samples ORDER BY task, sample_id"
+            "SELECT task, sample_id, t_sensor, t_start, t_end, latency_ms, deadline_miss, "
+            "result_json FROM samples ORDER BY task, sample_id"
         ).fetchall()
         drops = conn.execute("SELECT task, reason FROM drops").fetchall()
     windows = {
         task: [w for rule in crit.get(task, ()) for w in intervals.get(rule, [])] for task in tasks
     }
-    for task, t_sensor, t_start, t_end, latency, miss, result_json in rows:
+    for task, sample_id, t_sensor, t_start, t_end, latency, miss, result_json in rows:
         run = tasks.setdefault(task, TaskRun())
         result = json.loads(result_json) if result_json else {}
         run.results.append(result)
+        run.result_ids.append(int(sample_id))
         if "shed" in result:
             run.shed_by_task += 1
             continue

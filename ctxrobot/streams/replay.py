@@ -131,6 +131,10 @@ class CameraReplay:
         if not self.idle_images and not self.shows:
             raise ValueError(f"camera source {name!r} has neither idle images nor shows")
 
+    def shown(self, duration_s: float) -> list[Path]:
+        """The photo each frame of a ``duration_s`` run shows, by frame (= sample id)."""
+        return [self._image_at(k / self.fps, k) for k in range(int(duration_s * self.fps) + 1)]
+
     def _image_at(self, t: float, frame_index: int) -> Path:
         for at_s, image, hold_s in self.shows:
             if at_s <= t < at_s + hold_s:

@@ -303,3 +303,44 @@ def score_run(results: Sequence[Mapping[str, Any]], dataset_dir: Path | str) -> 
         "frames": frames,
         "stop_frames": tp + fn,
     }
+
+
+def score_shown(
+    shown: Sequence[str], results: Mapping[int, Mapping[str, Any]], dataset_dir: Path | str
+) -> dict[str, Any]:
+    """Stop-sign recall and precision over **every frame shown**, shed ones included.
+
+    ``shown[k]`` is the photo frame ``k`` showed (its sample id is ``k``); ``results`` maps the
+    sample ids the task answered to its result dicts. At each frame the robot knows what the
+    task last reported for a frame it processed (a result with ``"shed"`` did no work and
+    tells nothing): that held belief is what is scored, so a frame the context shed counts
+    with whatever the robot believed then — shedding costs exactly the quality it loses.
+    Returns ``{"stop_recall", "stop_precision", "frames", "stop_frames", "processed"}``.
+    """
+    folder = Path(dataset_dir)
+    has_stop = {
+        item.image_path.name: bool(item.boxes_of("stop")) for item in load_detection_set(folder)
+    }
+    unknown = sorted({name for name in shown if name not in has_stop})
+    if unknown:
+        raise ValueError(
+            f"{unknown[0]} was shown but has no annotation in {folder / 'annotations'}; score "
+            "the run against the detection folder it replayed"
+        )
+    tp = fp = fn = processed = 0
+    believed = False
+    for k, name in enumerate(shown):
+        result = results.get(k)
+        if result is not None and "shed" not in result:
+            believed = any(d.get("class_id") == STOP_CLASS_ID for d in result.get("detections", ()))
+            processed += 1
+        tp += has_stop[name] and believed
+        fp += believed and not has_stop[name]
+        fn += has_stop[name] and not believed
+    return {
+        "stop_recall": tp / (tp + fn) if tp + fn else math.nan,
+        "stop_precision": tp / (tp + fp) if tp + fp else math.nan,
+        "frames": len(shown),
+        "stop_frames": tp + fn,
+        "processed": processed,
+    }
