@@ -181,15 +181,16 @@ def engine() -> Iterator[Engine]:
     chosen: Engine = PrivateEngine()
     if os.environ.get("CTXROBOT_TEST_MACHINE_ENGINE") == "1":
         chosen = MachineEngine()
-        others = docker("ps", "-aq").split()
+        others = docker("ps", "-q").split()  # running ones: a restart stops them
         if others:
             pytest.skip(f"{len(others)} other container(s) run on the machine's engine")
     chosen.start()
     try:
         chosen.load("ctxrobot/signs")
-        leftovers = docker("ps", "-aq", env=chosen.env).split()
-        if leftovers:
-            docker("rm", "-f", *leftovers, env=chosen.env)
+        if isinstance(chosen, PrivateEngine):  # all its containers are this test's
+            leftovers = docker("ps", "-aq", env=chosen.env).split()
+            if leftovers:
+                docker("rm", "-f", *leftovers, env=chosen.env)
         yield chosen
     finally:
         if isinstance(chosen, MachineEngine):
