@@ -98,7 +98,7 @@ def test_overflow_drops_oldest_and_counts(tmp_path: Path) -> None:
 def test_rate_gate_skips_and_tells_the_task(tmp_path: Path) -> None:
     task = SumTask()
     channel, _, events = start(tmp_path, task, queue_depth=8)
-    channel.set_rate(5.0)
+    channel.set_dispatch(5.0, None)
     for i in range(20):
         channel.offer(scan(i))
         time.sleep(0.01)
@@ -152,7 +152,7 @@ def test_rate_changes_during_large_frames_never_corrupt_the_stream(tmp_path: Pat
         rates = [None, 50.0, None, 40.0]
         i = 0
         while not stop.is_set():
-            channel.set_rate(rates[i % 4])
+            channel.set_dispatch(rates[i % 4], None)
             i += 1
 
     flipper = threading.Thread(target=flip_rates)
@@ -200,7 +200,8 @@ def test_block_is_back_pressure_with_a_bound(tmp_path: Path) -> None:
 
 def test_stale_samples_are_shed_when_the_task_skips_them(tmp_path: Path) -> None:
     task = SumTask(delay_s=0.05)
-    channel, _, events = start(tmp_path, task, queue_depth=8, stale_after_s=0.03)
+    channel, _, events = start(tmp_path, task, queue_depth=8)
+    channel.set_dispatch(None, 0.03)
     for i in range(6):  # all at once: the later ones wait > 30 ms behind the first
         channel.offer(scan(i))
     assert channel.wait_idle(10)

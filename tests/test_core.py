@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from ctxrobot.manifest.schema import load_manifest
-from ctxrobot.model.actions import Action, ApplyAllocation, Publish, SetRate
+from ctxrobot.model.actions import Action, ApplyAllocation, Publish, SetDispatch
 from ctxrobot.model.allocation import TaskAllocation
 from ctxrobot.model.events import (
     TOPICS,
@@ -133,7 +133,7 @@ def test_ctx_applies_once_per_context_change_and_never_on_a_timer() -> None:
     assert during["slam"].share_cap == pytest.approx(0.4, abs=1e-3)
     assert writes[2][1].allocation["slam"].share_cap is None
     assert rig.rules() == [(1.0, "voice", True), (3.0, "voice", False)]
-    rates = [(t, a.task, a.rate_hz) for t, a in rig.actions if isinstance(a, SetRate)]
+    rates = [(t, a.task, a.rate_hz) for t, a in rig.actions if isinstance(a, SetDispatch)]
     assert rates == [
         (0.0, "slam", None),
         (0.0, "speech", None),

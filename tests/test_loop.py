@@ -61,7 +61,9 @@ class Rig:
         self.rates: list[tuple[str, str, float | None]] = []
         executor = Executor(
             Actuator(self.controllers, Machine(2.0)),
-            lambda task, rate: self.rates.append((threading.current_thread().name, task, rate)),
+            lambda task, rate, _stale: self.rates.append(
+                (threading.current_thread().name, task, rate)
+            ),
             self.bus,
         )
         self.loop = DecisionLoop(core, executor, rt_priority=0)

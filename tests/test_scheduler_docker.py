@@ -125,7 +125,7 @@ def start_scheduler(
         rules=[voice_rule(share)],
         signals=[Voice("mic", threshold_db=-35.0, hangover_s=hangover_s)],
     )
-    executor = Executor(Actuator(controllers, Machine(1)), lambda _task, _rate: None, bus)
+    executor = Executor(Actuator(controllers, Machine(1)), lambda *_: None, bus)
     loop = DecisionLoop(core, executor)
     loop.attach(bus)
     loop.start()

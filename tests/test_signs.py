@@ -486,5 +486,5 @@ def test_score_shown_scores_every_frame_with_what_the_robot_believed() -> None:
     assert score["stop_recall"] == pytest.approx(2 / 3)
     assert score["stop_precision"] == pytest.approx(2 / 3)
     assert score["processed"] == 2
-    with pytest.raises(ValueError, match="road9999.png was shown but has no annotation"):
+    with pytest.raises(ValueError, match=r"road9999\.png was shown but has no annotation"):
         ds.score_shown(["road9999.png"], {}, folder)

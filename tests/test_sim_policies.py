@@ -52,12 +52,9 @@ def test_the_same_trace_and_load_give_the_same_numbers(quick: tuple[Any, ...]) -
     assert without_timing(first) == without_timing(at_load(quick, 2.0, "ctx"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: today's ctx policy is at 1.2x cfs's critical p99 at load 2 in the "
-    "simulator (0.76x measured), far from half; remove this mark when the policy work lands",
-)
 def test_ctx_critical_p99_is_under_half_of_cfs_at_load_2(quick: tuple[Any, ...]) -> None:
     results = at_load(quick, 2.0, "cfs", "ctx")
     assert all(r["complete"] for r in results.values())
+    # Deterministic: measured 717 ms against cfs's 1576 ms, once skipping stale frames became
+    # the policy's decision (cfs leaves the backlog to the tasks, as plain Linux would).
     assert results["ctx"]["critical_p99_ms"] < results["cfs"]["critical_p99_ms"] / 2

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ctxrobot.model.allocation import TaskAllocation
 
-__all__ = ["Action", "ApplyAllocation", "Publish", "SetRate"]
+__all__ = ["Action", "ApplyAllocation", "Publish", "SetDispatch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +27,13 @@ class ApplyAllocation:
 
 
 @dataclass(frozen=True, slots=True)
-class SetRate:
-    """Tell a task its processing rate (None: no limit)."""
+class SetDispatch:
+    """Tell a task's channel which samples to send: at most ``rate_hz`` a second (None: no
+    limit), none older than ``stale_after_s`` (None: however late)."""
 
     task: str
     rate_hz: float | None
+    stale_after_s: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,4 +44,4 @@ class Publish:
     event: object
 
 
-Action = ApplyAllocation | SetRate | Publish
+Action = ApplyAllocation | SetDispatch | Publish

@@ -22,14 +22,21 @@ class TaskAllocation:
 
     ``weight``: 1…10000, cgroup v2 units (v1 ``cpu.shares`` = weight × 1024 / 100).
     ``share_cap``: at most this fraction of the machine (a CFS quota); None: no cap.
-    ``frozen``: the task is stopped (freezer). ``rate_hz``: the task's processing rate, sent
-    over its socket rather than written to a cgroup (None: no limit).
+    ``frozen``: the task is stopped (freezer). Two more are not cgroup matters but decide
+    which samples the task's channel sends: ``rate_hz``, the task's processing rate (None: no
+    limit), and ``stale_after_s``, the age past which a sample is shed instead of sent (None:
+    every sample is processed, however late).
     """
 
     weight: int = 100
     share_cap: float | None = None
     frozen: bool = False
     rate_hz: float | None = None
+    stale_after_s: float | None = None
+
+    def dispatch_fields(self) -> tuple[float | None, float | None]:
+        """What the task's channel is told."""
+        return self.rate_hz, self.stale_after_s
 
     def cgroup_fields(self) -> tuple[int, float | None, bool]:
         """What the kernel is told; a change elsewhere (the rate) writes no cgroup file."""

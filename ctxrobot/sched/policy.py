@@ -71,7 +71,8 @@ class TaskState:
     ``frozen_since``/``thawed_at`` are when the task's current freeze began and when its
     last freeze ended (None if it never was); ``backlog_since`` is when the oldest sample it
     has not yet finished with was sensed (None: it has caught up); ``feeds_context``: its
-    results make a context signal (the sign detector's ``sign_ahead``).
+    results make a context signal (the sign detector's ``sign_ahead``); ``stale_after_s``:
+    the age past which the manifest lets a sample be skipped (``stale: skip``; None: never).
     """
 
     name: str
@@ -89,6 +90,7 @@ class TaskState:
     thawed_at: float | None = None
     backlog_since: float | None = None
     feeds_context: bool = False
+    stale_after_s: float | None = None
 
     @property
     def ceiling(self) -> float:
@@ -176,12 +178,13 @@ class WeightsPolicy:
     that fraction (all such shares scaled down together if they exceed the machine); the
     others split the rest in proportion to their context weight (the rules' ``weight``,
     else the manifest's). Each fraction is applied as both cap and weight (the prototype's
-    ``docker update --cpus --cpu-shares``). It **polls**: the allocation is recomputed at
-    each period boundary (every ``period_s``, on the grid ``k × period_s``) from the context
-    and task states of that moment; between two boundaries it keeps answering what it
-    computed last, whatever happened since. No minimums, no freezing, no rates: that is the
-    method compared. The one guard is a floor of :data:`WEIGHTS_MIN_FRACTION`: a zero quota
-    means "unlimited" to Docker and the kernel alike.
+    ``docker update --cpus --cpu-shares``), and late samples are skipped where the manifest
+    allows it, as the prototype skipped late frames. It **polls**: the allocation is
+    recomputed at each period boundary (every ``period_s``, on the grid ``k × period_s``)
+    from the context and task states of that moment; between two boundaries it keeps
+    answering what it computed last, whatever happened since. No minimums, no freezing, no
+    rates: that is the method compared. The one guard is a floor of
+    :data:`WEIGHTS_MIN_FRACTION`: a zero quota means "unlimited" to Docker and the kernel.
     """
 
     name = "weights"
@@ -217,7 +220,9 @@ class WeightsPolicy:
             )
             fraction = max(fraction, WEIGHTS_MIN_FRACTION)
             allocation[name] = TaskAllocation(
-                weight=min(_MAX_WEIGHT, max(1, round(fraction * 1000))), share_cap=_cap(fraction)
+                weight=min(_MAX_WEIGHT, max(1, round(fraction * 1000))),
+                share_cap=_cap(fraction),
+                stale_after_s=t.stale_after_s,  # the prototype skipped late frames
             )
         return allocation
 
@@ -265,7 +270,8 @@ class CtxPolicy:
        ``max_freeze_s`` gets a ``thaw_s`` window at ``cpu_min`` before it may be frozen
        again; if its minimum then does not fit beside the guarantees, the guarantees shrink
        (never below their own ``cpu_min``) for that window;
-    6. ``rate_hz`` from the rules is passed through to every task;
+    6. **shedding**: ``rate_hz`` from the rules is passed through to every task, and a task
+       whose manifest says ``stale: skip`` has samples older than its deadline shed;
     7. **work conservation**: while every task's measured demand is known and together they
        use at most ``contended_above`` of the machine, nobody is short of CPU, so no cap or
        freeze holds a task back while cores idle; the weights still favour the critical tasks.
@@ -326,6 +332,7 @@ class CtxPolicy:
                     weight=t.context_weight,
                     share_cap=_cap(t.ceiling),
                     rate_hz=t.directive.rate_hz,
+                    stale_after_s=t.stale_after_s,
                 )
                 for t in others
             }
@@ -356,6 +363,7 @@ class CtxPolicy:
                 weight=_critical_weight(t, guarantees[t.name], budget, others_weight),
                 share_cap=parts[t.name],
                 rate_hz=t.directive.rate_hz,
+                stale_after_s=t.stale_after_s,
             )
             for t in critical
         }
@@ -366,6 +374,7 @@ class CtxPolicy:
                 share_cap=_cap(t.cpu_min if is_frozen else shares[t.name]),
                 frozen=is_frozen,
                 rate_hz=t.directive.rate_hz,
+                stale_after_s=t.stale_after_s,
             )
         return allocation
 

@@ -48,7 +48,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ctxrobot.model.actions import Action, ApplyAllocation, Publish, SetRate
+from ctxrobot.model.actions import Action, ApplyAllocation, Publish, SetDispatch
 from ctxrobot.model.allocation import TaskAllocation, changed
 from ctxrobot.model.events import (
     AudioLevel,
@@ -121,6 +121,7 @@ class TaskConfig:
     max_freeze_s: float | None = None
     deadline_s: float | None = None
     input: str | None = None  # the source whose samples the task reads
+    stale_after_s: float | None = None  # a sample this old may be shed (`stale: skip`)
 
 
 class SchedulerState:
@@ -148,6 +149,7 @@ class SchedulerState:
                 weight=t.weight,
                 max_freeze_s=t.max_freeze_s,
                 deadline_s=t.deadline_s,
+                stale_after_s=t.stale_after_s,
             )
             for t in tasks
         }
@@ -391,8 +393,8 @@ class SchedulerState:
             before = self.applied.get(task)
             if before is None or before.cgroup_fields() != alloc.cgroup_fields():
                 writes[task] = (before, alloc)
-            if before is None or before.rate_hz != alloc.rate_hz:
-                self._actions.append(SetRate(task, alloc.rate_hz))
+            if before is None or before.dispatch_fields() != alloc.dispatch_fields():
+                self._actions.append(SetDispatch(task, alloc.rate_hz, alloc.stale_after_s))
         if writes:
             self._actions.append(
                 ApplyAllocation(writes, dict(allocation), trigger_t, reason, self.policy.name)

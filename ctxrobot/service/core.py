@@ -24,6 +24,7 @@ def task_config(spec: TaskSpec) -> TaskConfig:
         max_freeze_s=r.max_freeze_s,
         deadline_s=spec.deadline_ms / 1000.0,
         input=spec.input,
+        stale_after_s=spec.deadline_ms / 1000.0 if spec.stale == "skip" else None,
     )
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ctxrobot.actuate.actuator import Actuator
-from ctxrobot.model.actions import Action, ApplyAllocation, Publish, SetRate
+from ctxrobot.model.actions import Action, ApplyAllocation, Publish, SetDispatch
 from ctxrobot.model.bus import EventBus
 from ctxrobot.model.events import AllocationApplied
 from ctxrobot.sched.state import SchedulerState, Start, Tick
@@ -58,19 +58,19 @@ RT_PRIORITY = int(os.environ.get("CTXROBOT_RT_PRIORITY", "10"))
 
 
 class Executor:
-    """Carries out the core's actions: cgroup writes through the fast path, rates through
-    the task sockets, events onto the bus. Runs on the decision thread only."""
+    """Carries out the core's actions: cgroup writes through the fast path, what to send
+    through the task channels, events onto the bus. Runs on the decision thread only."""
 
     def __init__(
         self,
         actuator: Actuator,
-        set_rate: Callable[[str, float | None], None],
+        set_dispatch: Callable[[str, float | None, float | None], None],
         bus: EventBus,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.actuator = actuator
-        self._set_rate = set_rate
+        self._set_dispatch = set_dispatch
         self._bus = bus
         self._clock = clock
 
@@ -81,8 +81,8 @@ class Executor:
         for action in actions:
             if isinstance(action, ApplyAllocation):
                 self._apply(action)
-            elif isinstance(action, SetRate):
-                self._set_rate(action.task, action.rate_hz)
+            elif isinstance(action, SetDispatch):
+                self._set_dispatch(action.task, action.rate_hz, action.stale_after_s)
             elif isinstance(action, Publish):
                 self._bus.publish(action.topic, action.event)
 

@@ -244,7 +244,6 @@ class Runtime:
             queue_depth=spec.queue.depth,
             # Never dropping means waiting for room: the queue stays bounded either way.
             overflow="block" if self.options.no_drop else spec.queue.overflow,
-            stale_after_s=spec.deadline_s if spec.stale == "skip" else None,
         )
         channel.listen(uid=TASK_UID)
         self.channels[spec.name] = channel
@@ -325,13 +324,13 @@ class Runtime:
 
     def _start_decisions(self, actuator: Actuator) -> None:
         core = build_core(self.manifest, self.policy_name, [t.name for t in self.tasks])
-        self.decisions = DecisionLoop(core, Executor(actuator, self._set_rate, self.bus))
+        self.decisions = DecisionLoop(core, Executor(actuator, self._set_dispatch, self.bus))
         self.decisions.attach(self.bus)
         self.decisions.start()
 
-    def _set_rate(self, task: str, rate_hz: float | None) -> None:
+    def _set_dispatch(self, task: str, rate_hz: float | None, stale_after_s: float | None) -> None:
         if (channel := self.channels.get(task)) is not None:
-            channel.set_rate(rate_hz)
+            channel.set_dispatch(rate_hz, stale_after_s)
 
     # -- one task at a time (daemon: restarts, `ctxrobot ctl task`) ---------------------------
     def task_spec(self, name: str) -> TaskSpec:

@@ -9,8 +9,10 @@ of as an unbounded socket buffer nobody can see. Every queue is bounded by its `
   falls behind its schedule; a live device drops at the device (counted by the source).
 
 A sample that goes out is not always processed: the context may make it useless, and it is
-then *shed*, counted apart from drops — the task's rate limit ("rate": samples between two
-slots) and, for tasks with ``stale: skip``, a sample already past its deadline ("stale").
+then *shed*, counted apart from drops. The scheduler decides (``set_dispatch``): the task's
+rate limit ("rate": samples between two slots) and, for tasks whose manifest says
+``stale: skip``, a sample already past its deadline ("stale"). Under the stock scheduler
+(``cfs``, no intervention) every sample goes out.
 
 Whether the next sample may go out is decided by small gate objects with three verbs,
 in the manner of rclpy's executors: `can_execute(now)`, `beginning_execution(sample, now)`
@@ -109,13 +111,11 @@ class TaskChannel:
         *,
         queue_depth: int = 4,
         overflow: Overflow = "drop_oldest",
-        stale_after_s: float | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``stale_after_s``: shed a sample older than this when it would go out (a task's
-        deadline with ``stale: skip``; None: always process). ``max_frame_bytes``: the
-        longest frame accepted from the task; a longer one fails the task."""
+        """``max_frame_bytes``: the longest frame accepted from the task; a longer one fails
+        the task. Until :meth:`set_dispatch` says otherwise every sample goes out."""
         self.task = task
         self.socket_dir = socket_dir
         self.socket_path = socket_dir / "task.sock"
@@ -124,7 +124,7 @@ class TaskChannel:
         self._clock = clock
         self._queue: collections.deque[Sample] = collections.deque()
         self._depth = queue_depth
-        self._deadline_s = stale_after_s
+        self._stale_after_s: float | None = None
         self._max_frame = max_frame_bytes
         self._cond = threading.Condition()
         self.in_flight = InFlightGate(1)
@@ -218,14 +218,16 @@ class TaskChannel:
         if dropped is not None:
             self._publish_unprocessed([(dropped, "queue_full")])
 
-    def set_rate(self, rate_hz: float | None) -> None:
-        """Apply a context-driven processing rate (None: as fast as samples come).
+    def set_dispatch(self, rate_hz: float | None, stale_after_s: float | None) -> None:
+        """What the scheduler lets out: at most ``rate_hz`` samples a second (None: as fast
+        as they come), none older than ``stale_after_s`` (None: however late).
 
-        The host gates samples at once; the task is told through the send loop, the
-        socket's only writer (two writers would interleave a frame's bytes), so the
+        The host gates samples at once; the task is told its rate through the send loop,
+        the socket's only writer (two writers would interleave a frame's bytes), so the
         scheduler's thread never waits on socket I/O.
         """
         with self._cond:
+            self._stale_after_s = stale_after_s
             if rate_hz == self.rate.rate_hz:
                 return
             self.rate.rate_hz = rate_hz
@@ -245,7 +247,7 @@ class TaskChannel:
         """Why ``sample`` is useless now (it is then shed), or None to send it."""
         if not self.rate.can_execute(now):
             return "rate"
-        if self._deadline_s is not None and now - sample.t_sensor > self._deadline_s:
+        if self._stale_after_s is not None and now - sample.t_sensor > self._stale_after_s:
             return "stale"
         return None
 

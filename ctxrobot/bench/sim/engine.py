@@ -16,7 +16,7 @@ What a run does, and how each part is stood in for:
 - **the core** (``build_core``, exactly as a run builds it) gets the sensor events, the
   results, the drops and a ``UsageSampled`` every ``usage_period_s``, and a ``Tick`` when
   it asked for one; its ``ApplyAllocation`` becomes cgroup limits in the CPU model (as
-  ``ctxrobot.actuate`` would write them, quota clamps included), its ``SetRate`` the
+  ``ctxrobot.actuate`` would write them, quota clamps included), its ``SetDispatch`` the
   channel's rate gate. Actuation takes no time.
 """
 
@@ -37,7 +37,7 @@ from ctxrobot.bench.sim.cpu import EPS_CPU_S, Bandwidth, Cpus, Limits
 from ctxrobot.bench.sim.trace import SampleCost, Trace
 from ctxrobot.bench.sim.workload import Reading, Workload
 from ctxrobot.manifest.schema import Manifest, TaskSpec
-from ctxrobot.model.actions import Action, ApplyAllocation, Publish, SetRate
+from ctxrobot.model.actions import Action, ApplyAllocation, Publish, SetDispatch
 from ctxrobot.model.allocation import TaskAllocation
 from ctxrobot.model.events import RuleChanged, SampleDropped, TaskResult, UsageSampled
 from ctxrobot.sched.state import Start, Tick
@@ -110,12 +110,9 @@ class _Channel:
     costs: Sequence[SampleCost]
     queue: deque[SampleRecord] = field(default_factory=deque)
     rate: RateGate = field(default_factory=RateGate)
+    stale_after_s: float | None = None  # as the scheduler set it: None, every sample goes out
     in_flight: SampleRecord | None = None
     arrives_at: float | None = None  # when the sample in flight reaches the task
-
-    @property
-    def stale_after_s(self) -> float | None:
-        return self.spec.deadline_s if self.spec.stale == "skip" else None
 
     @property
     def idle(self) -> bool:
@@ -383,8 +380,10 @@ class Simulation:
             self.record.decisions += 1
             for name, (_, after) in action.changes.items():
                 self.cpus.set_limits(name, self._limits(after))
-        elif isinstance(action, SetRate):
-            self.channels[action.task].rate.rate_hz = action.rate_hz
+        elif isinstance(action, SetDispatch):
+            channel = self.channels[action.task]
+            channel.rate.rate_hz = action.rate_hz
+            channel.stale_after_s = action.stale_after_s
             self._kicked.append(action.task)
         elif isinstance(action, Publish) and isinstance(action.event, RuleChanged):
             rule = action.event
