@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -211,3 +212,19 @@ def test_stale_samples_are_shed_when_the_task_skips_them(tmp_path: Path) -> None
     assert done[0] == 0 and stale and all(e.reason == "stale" and e.shed for e in stale)
     assert sorted(done + [e.sample_id for e in stale]) == list(range(6))
     assert all(e.t_sensor is not None for e in stale)
+
+
+def test_listens_in_a_folder_deeper_than_a_socket_address(tmp_path: Path) -> None:
+    # A checkout under a long path puts run folders beyond sun_path's 108 bytes.
+    folder = tmp_path / ("deep-" * 30) / "sockets" / "sum"
+    channel = TaskChannel("sum", folder, EventBus())
+    channel.listen()
+    assert len(str(channel.socket_path)) > 108
+    assert channel.socket_path.is_socket()
+    # The container connects at a short path of its own; here the folder's descriptor does.
+    parent = os.open(folder, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(f"/proc/self/fd/{parent}/{channel.socket_path.name}")
+    finally:
+        os.close(parent)

@@ -38,13 +38,11 @@ from ctxrobot.bench.plan import (
     DEFAULT_LOADS,
     HEADLINE_LOAD,
     QUICK_POLICIES,
-    UNIX_PATH_MAX,
     Envelope,
     RunSpec,
     demand_runs,
     plan_runs,
     run_command,
-    too_deep,
 )
 from ctxrobot.bench.plots import write_plots
 from ctxrobot.bench.quality import Scorer, score_run, scorers
@@ -227,18 +225,15 @@ class Bench:
 
 
 def _open_bench(args: argparse.Namespace) -> Bench:
-    """The bench the arguments describe; a problem with them is a UserError."""
-    from ctxrobot.manifest.schema import ManifestError, load_manifest, with_scenario
+    """The bench the arguments describe; a problem with them is a UserError or ManifestError."""
+    from ctxrobot.manifest.schema import load_manifest, with_scenario
     from ctxrobot.service.runtime import run_folder
 
     config = Path(args.config).resolve()
     scenario_path = QUICK_SCENARIO if args.quick else args.scenario
-    try:
-        manifest = load_manifest(config)
-        if scenario_path:
-            manifest = with_scenario(manifest, scenario_path)
-    except ManifestError as err:
-        raise UserError(str(err)) from None
+    manifest = load_manifest(config)
+    if scenario_path:
+        manifest = with_scenario(manifest, scenario_path)
     out = run_folder(args.out, prefix="bench-")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; give a new --out")
@@ -282,28 +277,11 @@ def _envelopes(
     return envelopes, demand
 
 
-def _check_depth(steps: Sequence[Sequence[RunSpec]], tasks: Sequence[str]) -> None:
-    # Each task's socket lives in its run folder; a deep OUT would fail the first run.
-    if (path := too_deep(steps, tasks)) is not None:
-        raise UserError(
-            f"the bench folder is too deep: task sockets such as {path} would exceed the "
-            f"{UNIX_PATH_MAX}-byte Unix socket path limit; give a shorter --out"
-        )
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     bench = _open_bench(args)
     started, load_start = time.monotonic(), load_average()
     usable = len(os.sched_getaffinity(0))
     loads = _loads(bench, args)
-    # The whole plan's folders are known before the first run (an envelope's folder is
-    # named by its load): check them all now rather than fail after the demand runs.
-    named = [Envelope(args.cpus)] if loads is None else [Envelope(None, x) for x in loads]
-    _check_depth(
-        demand_runs(bench.tasks, bench.out, together=bench.quick)
-        + plan_runs(bench.policies, bench.tasks, bench.repeat, bench.out, named, usable),
-        bench.tasks,
-    )
     bench.out.mkdir(parents=True, exist_ok=True)
     try:
         envelopes, demand = _envelopes(bench, loads, args.cpus)

@@ -29,8 +29,6 @@ HEADLINE_LOAD = 2.0
 DEMAND = "demand"
 #: CPUs a step of side-by-side runs leaves free for their runtimes and the rest of the system.
 SIDE_BY_SIDE_SPARE_CPUS = 0.5
-#: Longest path a Unix socket may bind to on Linux (sun_path is 108 bytes with its NUL).
-UNIX_PATH_MAX = 107
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,20 +112,6 @@ def plan_runs(
                 else:
                     steps += [[spec] for spec in solo]
     return steps
-
-
-def socket_path(spec: RunSpec, task: str) -> Path:
-    """Where `ctxrobot run` puts a task's socket (see `Runtime._start_task`)."""
-    return spec.out_dir / "sockets" / task / "task.sock"
-
-
-def too_deep(steps: Sequence[Sequence[RunSpec]], tasks: Sequence[str]) -> Path | None:
-    """A task socket path of the plan that would not fit a Unix socket address, if any."""
-    longest = max(
-        (socket_path(spec, t) for step in steps for spec in step for t in tasks),
-        key=lambda p: len(str(p)),
-    )
-    return longest if len(str(longest)) > UNIX_PATH_MAX else None
 
 
 def run_command(spec: RunSpec, config: Path, scenario: Path, memory: str | None) -> list[str]:

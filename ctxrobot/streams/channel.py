@@ -47,6 +47,20 @@ Overflow = Literal["drop_oldest", "block"]
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 
 
+def _bind_anywhere(server: socket.socket, path: Path) -> None:
+    """Bind a Unix socket at `path` however deep its folder is.
+
+    A socket address holds at most 107 bytes, and a run folder under a long checkout path
+    exceeds it. Binding through the folder's descriptor (`/proc/self/fd/N/name`) keeps the
+    address short; the kernel resolves it to the same folder.
+    """
+    folder = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        server.bind(f"/proc/self/fd/{folder}/{path.name}")
+    finally:
+        os.close(folder)
+
+
 class DispatchGate(Protocol):
     """Decides whether the next sample may be sent to the task now."""
 
@@ -154,7 +168,7 @@ class TaskChannel:
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(str(self.socket_path))
+        _bind_anywhere(server, self.socket_path)
         server.listen(1)
         if uid is not None:
             os.chown(self.socket_dir, uid, -1)
