@@ -26,18 +26,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("ctxrobot")
 
 
-def _load_manifest_or_report(path: Path, scenario: str | None = None) -> Any:
-    """The manifest (playing `scenario` if given), or None after printing every problem."""
-    from ctxrobot.manifest.schema import ManifestError, load_manifest, with_scenario
-
-    try:
-        manifest = load_manifest(path)
-        return with_scenario(manifest, scenario) if scenario else manifest
-    except ManifestError as err:
-        print(err, file=sys.stderr)
-        return None
-
-
 # -- validate -----------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
     from ctxrobot.manifest.schema import check_file
@@ -80,12 +68,13 @@ class _StopOnSignal:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from ctxrobot.manifest.schema import load_manifest, with_scenario
     from ctxrobot.observe.readers import print_summary
     from ctxrobot.service.runtime import RunFailed, RunOptions, Runtime, run_folder
 
-    manifest = _load_manifest_or_report(Path(args.config), args.scenario)
-    if manifest is None:
-        return EXIT_USAGE
+    manifest = load_manifest(Path(args.config))
+    if args.scenario:
+        manifest = with_scenario(manifest, args.scenario)
     only = tuple(args.only.split(",")) if args.only else None
     unknown = sorted(set(only or ()) - {t.name for t in manifest.tasks})
     if unknown:
@@ -129,12 +118,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # -- daemon, ctl, dash ---------------------------------------------------------------------
 def cmd_daemon(args: argparse.Namespace) -> int:
+    from ctxrobot.manifest.schema import load_manifest
     from ctxrobot.service.daemon import Daemon, DaemonOptions
     from ctxrobot.service.runtime import RunFailed, run_folder
 
     config = Path(args.config)
-    if _load_manifest_or_report(config) is None:
-        return EXIT_USAGE
+    load_manifest(config)  # its problems are reported now, before the daemon starts
     out = run_folder(args.out)
     daemon = Daemon(
         DaemonOptions(
@@ -538,8 +527,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_command(args: argparse.Namespace) -> int:
     """Run the subcommand; a problem the user can fix is one line and exit 2, anything else
     one line and exit 1 — never a traceback unless `-v` asks for it."""
+    from ctxrobot.manifest.problems import ManifestError
+
     try:
         return int(args.func(args))
+    except ManifestError as err:
+        # Compiler-style `file:line:col: problem` lines, one per problem, as `validate` prints.
+        print(err, file=sys.stderr)
+        return EXIT_USAGE
     except UserError as err:
         log.debug("details", exc_info=True)
         print(f"ctxrobot {args.command}: {err}", file=sys.stderr)
