@@ -1,4 +1,4 @@
-"""A million events through the observer pipeline: memory must not grow with run length.
+"""Four hundred thousand events through the observer pipeline: memory must not grow with run length.
 
 The daemon soak showed memory rising steadily; everything observe keeps per event is now
 bounded (status windows, latency windows, Prometheus label sets, the store's buffer). This
@@ -35,7 +35,7 @@ from ctxrobot.observe.pipeline import ObserverPipeline
 from ctxrobot.observe.status import StatusBoard
 from ctxrobot.observe.store import RunStore
 
-EVENTS = 1_000_000
+EVENTS = 400_000  # a 20-minute run's worth at 330 events/s; tools/soak runs for longer
 WARM_UP = 100_000
 CHUNK = 10_000  # published, then drained: a steady stream the observers keep up with
 TASKS = ("slam", "signs", "speech")
@@ -78,7 +78,7 @@ def _events(n: int) -> Iterator[tuple[str, object]]:
 
 
 @pytest.mark.slow
-def test_a_million_events_in_bounded_memory(tmp_path: Path) -> None:
+def test_a_long_runs_events_in_bounded_memory(tmp_path: Path) -> None:
     bus = EventBus()
     deadlines = {"slam": 100.0, "signs": 200.0, "speech": 500.0}
     store = RunStore.create(
@@ -141,8 +141,8 @@ def test_a_million_events_in_bounded_memory(tmp_path: Path) -> None:
     )
     assert stats.dropped == 0 and stats.errors == {}
     assert store.rows_lost == 0 and store.rows_written > 0.95 * EVENTS
-    assert status["tasks"]["slam"]["samples"] > 250_000
-    # Flat: what a million events leave behind is no more than a few MB of noise
-    # (a per-event leak of even 10 bytes would be 9 MB here).
-    assert growth < 4 * MB
+    assert status["tasks"]["slam"]["samples"] > EVENTS // 4
+    # Flat: what the run leaves behind is no more than a few MB of noise (1 MB measured after
+    # a million events; a per-event leak of even 10 bytes would be 3.8 MB here).
+    assert growth < 3 * MB
     assert peak - warm < 32 * MB

@@ -205,7 +205,13 @@ def test_allocations_of_real_task_allocations(tmp_path: Path) -> None:
     pipeline.close()
     store.close(2.0)
     stored = read_run(store.path).allocations[0]["allocation"]
-    assert stored["signs"] == {"weight": 100, "share_cap": None, "frozen": False, "rate_hz": 2.0}
+    assert stored["signs"] == {
+        "weight": 100,
+        "share_cap": None,
+        "frozen": False,
+        "rate_hz": 2.0,
+        "stale_after_s": None,
+    }
     # Shares read the same from the dataclasses and from their stored form.
     expected = {"slam": 0.75, "signs": 0.25, "speech": 0.0}
     assert allocated_shares(allocation) == allocated_shares(stored) == expected

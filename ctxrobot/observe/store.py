@@ -89,6 +89,8 @@ class RunStore:
     FLUSH_ROWS = 2000
     #: Rows kept in memory while the disk refuses them (a few MB); the oldest go first.
     BUFFER_ROWS = 20_000
+    #: How long an event waits for a healthy writer that is behind before a row is dropped.
+    CATCH_UP_S = 5.0
     #: How often a refused write is tried again.
     RETRY_INTERVAL_S = 2.0
     #: Space set aside at the start so that the run's end fits on a full disk.
@@ -224,6 +226,14 @@ class RunStore:
             if self._closed:
                 self.rows_lost += 1
                 return
+            if len(self._pending) == self.BUFFER_ROWS and not self._failing:
+                # A healthy writer that is behind catches up: the observer thread waits for
+                # it rather than lose rows. Only a disk that refuses them drops rows.
+                self._cond.notify_all()
+                self._cond.wait_for(
+                    lambda: len(self._pending) < self.BUFFER_ROWS or self._failing,
+                    self.CATCH_UP_S,
+                )
             if len(self._pending) == self.BUFFER_ROWS:
                 self.rows_lost += 1  # the deque drops its oldest row
                 self._settled += 1
@@ -251,6 +261,7 @@ class RunStore:
                 batch = list(self._pending)
                 self._pending.clear()
                 self._in_flight = len(batch)
+                self._cond.notify_all()  # room again for an event waiting in `_add`
             if batch:
                 self._write_or_keep(batch)
 
