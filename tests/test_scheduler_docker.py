@@ -177,8 +177,9 @@ def test_stop_thaws_the_tasks_the_policy_froze(controllers: dict[str, CpuControl
     bus, scheduler, applied = start_scheduler(controllers, share=0.95, hangover_s=30.0)
     try:
         speak(bus)
+        # The decision thread applies the change; a v1 freeze completes asynchronously.
+        time.sleep(0.2)
         frozen = sorted(t for t, a in applied[-1].allocation.items() if a.frozen)
-        time.sleep(0.2)  # a v1 freeze completes asynchronously
         during = shares(controllers)
     finally:
         scheduler.stop()

@@ -254,6 +254,13 @@ class DockerBackend:
                 )
             log.info("removing stale container %s before re-creating it", spec.name)
             self._remove(existing)
+        container = self._create(spec)
+        self._start(spec, container)
+        container.reload()
+        return container
+
+    def _create(self, spec: ContainerSpec) -> Container:
+        """The container, created with ctxrobot's labels and least privileges."""
         labels = {
             **spec.labels,
             LABEL_MANAGED: "1",
@@ -309,6 +316,10 @@ class DockerBackend:
                     "task's mounts in the manifest (host paths must exist)"
                 ) from err
             raise ContainerError(f"cannot create container {spec.name!r}: {err}") from err
+        return container
+
+    def _start(self, spec: ContainerSpec, container: Container) -> None:
+        """Start a created container; one that cannot start is removed."""
         try:
             container.start()
         except docker.errors.APIError as err:
@@ -320,8 +331,6 @@ class DockerBackend:
                     "in the manifest"
                 ) from err
             raise ContainerError(f"cannot start container {spec.name!r}: {err}") from err
-        container.reload()
-        return container
 
     def _thaw(self, container: Container) -> None:
         """Undo any freeze so the container can receive signals and stop.
