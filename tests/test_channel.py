@@ -228,3 +228,21 @@ def test_listens_in_a_folder_deeper_than_a_socket_address(tmp_path: Path) -> Non
             sock.connect(f"/proc/self/fd/{parent}/{channel.socket_path.name}")
     finally:
         os.close(parent)
+
+
+def test_a_frame_larger_than_the_socket_buffer_arrives_whole() -> None:
+    # sendmsg gathers header and payload; a small send buffer makes it send in many parts.
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    payload = np.random.default_rng(7).integers(0, 256, 921_600, dtype=np.uint8).tobytes()
+    received: list[tuple[dict[str, Any], bytes]] = []
+    reader = threading.Thread(target=lambda: received.append(protocol.recv(right)))
+    reader.start()
+    with left, right:
+        protocol.send(left, {"type": "sample", "id": 3}, payload)
+        protocol.send(left, {"type": "stop"})
+        reader.join(10)
+        header, body = received[0]
+        assert header == {"type": "sample", "id": 3, "payload_len": len(payload)}
+        assert body == payload
+        assert protocol.recv(right) == ({"type": "stop", "payload_len": 0}, b"")

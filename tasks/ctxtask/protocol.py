@@ -68,14 +68,19 @@ class Sample:
         }
 
 
-def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
-    """One frame as bytes."""
-    body = json.dumps({**header, "payload_len": len(payload)}, separators=(",", ":")).encode()
-    return _HEADER_LEN.pack(len(body)) + body + payload
-
-
 def send(sock: socket.socket, header: dict[str, Any], payload: bytes = b"") -> None:
-    sock.sendall(encode(header, payload))
+    """Send one frame. The payload (a 921 kB camera frame) goes out from where it is: gathered
+    with the header by ``sendmsg``, never copied into one buffer with it."""
+    body = json.dumps({**header, "payload_len": len(payload)}, separators=(",", ":")).encode()
+    parts = [memoryview(_HEADER_LEN.pack(len(body)) + body)]
+    if payload:
+        parts.append(memoryview(payload))
+    while parts:
+        sent = sock.sendmsg(parts)  # may send less than all: go on from where it stopped
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts.pop(0))
+        if parts:
+            parts[0] = parts[0][sent:]
 
 
 def _recv_exact(sock: socket.socket, n: int, *, at_boundary: bool) -> bytes:
