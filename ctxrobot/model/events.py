@@ -164,6 +164,18 @@ class SourceStateChanged:
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class CoreInput:
+    """One input the decision thread handed the scheduler core: ``event`` (a bus event, an
+    operator command, ``Start`` or ``Tick``) with the time ``t`` it was handed as ``now``,
+    the ``seq``-th of the run. Recorded in run.db so that a run can be replayed through a
+    fresh core in virtual time (``ctxrobot.observe.inputs``)."""
+
+    t: float
+    seq: int
+    event: object
+
+
 # topic name → event type published on it
 TOPICS: dict[str, type] = {
     "sensor.odometry": Odometry,
@@ -179,4 +191,5 @@ TOPICS: dict[str, type] = {
     "context": ContextChanged,
     "rule": RuleChanged,
     "allocation": AllocationApplied,
+    "core.input": CoreInput,
 }

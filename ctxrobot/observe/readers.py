@@ -23,6 +23,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ctxrobot.model.events import CoreInput
+from ctxrobot.observe.inputs import decode
 from ctxrobot.observe.paths import RunDatabaseError
 from ctxrobot.observe.schema import DB_NAME, OPTIONAL_TABLES, REQUIRED_TABLES
 
@@ -32,6 +34,7 @@ __all__ = [
     "db_path_of",
     "percentiles",
     "print_summary",
+    "read_inputs",
     "read_run",
     "reading",
     "rule_intervals",
@@ -332,6 +335,38 @@ def read_run(run: str | Path) -> RunData:
             start=start,
             end=end,
         )
+
+
+def read_inputs(run: str | Path) -> list[CoreInput]:
+    """Every input the run's scheduler core was handed, as events again, in the order it
+    handled them, each with the ``now`` it was given: what a replay feeds a fresh core.
+
+    Raises `RunDatabaseError` when the run has no recorded inputs (recorded before they
+    were kept) or some are missing (the writer lost rows): a replay of part of a run would
+    decide differently for no reason a reader could see.
+    """
+    path = db_path_of(run)
+    with reading(path) as conn:
+        if "core_inputs" not in _check_tables(conn, path):
+            raise RunDatabaseError(
+                f"{path} holds no scheduler inputs (recorded by an older version): "
+                "record the run again to replay it"
+            )
+        rows = conn.execute("SELECT t, seq, kind, body_json FROM core_inputs ORDER BY seq")
+        try:
+            inputs = [CoreInput(t, seq, decode(kind, body)) for t, seq, kind, body in rows]
+        except (ValueError, TypeError) as err:  # UnknownInput and bad fields included
+            raise RunDatabaseError(
+                f"{path}: a recorded scheduler input cannot be read ({err}): replay it with "
+                "the version that recorded it"
+            ) from None
+    gaps = [i for i, recorded in enumerate(inputs) if recorded.seq != i]
+    if gaps:
+        raise RunDatabaseError(
+            f"{path}: scheduler inputs from #{gaps[0]} on are missing (the run's writer lost "
+            "rows): the run cannot be replayed"
+        )
+    return inputs
 
 
 def _ms(value: float | None) -> str:

@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS usage (
 CREATE TABLE IF NOT EXISTS source_states (
     t REAL NOT NULL, source TEXT NOT NULL, state TEXT NOT NULL, detail TEXT
 );
+CREATE TABLE IF NOT EXISTS core_inputs (
+    t REAL NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, body_json TEXT NOT NULL
+);
 """
 
 #: Row inserts of the event tables, by table.
@@ -56,6 +59,7 @@ INSERTS = {
     "task_states": "INSERT INTO task_states VALUES (?, ?, ?, ?)",
     "usage": "INSERT INTO usage VALUES (?, ?, ?, ?)",
     "source_states": "INSERT INTO source_states VALUES (?, ?, ?, ?)",
+    "core_inputs": "INSERT INTO core_inputs VALUES (?, ?, ?, ?)",
 }
 
 #: Tables every run database has had since the first release.
@@ -71,4 +75,4 @@ REQUIRED_TABLES = (
     "usage",
 )
 #: Tables newer runs have; an older database without them reads as if they were empty.
-OPTIONAL_TABLES = ("source_states",)
+OPTIONAL_TABLES = ("source_states", "core_inputs")

@@ -7,6 +7,9 @@ Why it is shaped this way:
   in-memory buffer. A single writer thread owns the SQLite connection and inserts each
   batch in one transaction (one fsync per batch, not per row); the hot path never waits
   on the disk.
+- **The scheduler core's inputs are recorded** (`core_inputs`: every event the decision
+  thread handed the core, with the `now` it was handed, in order; `ctxrobot.observe.inputs`
+  is the codec), so a run can be replayed through a fresh core in virtual time.
 - WAL mode lets `ctxrobot report`, `trace` and `summarize` read a run while the daemon is
   still writing it.
 - **A disk that refuses rows does not end the run.** The store keeps the newest
@@ -35,6 +38,7 @@ from typing import Any
 from ctxrobot.model.events import (
     AllocationApplied,
     ContextChanged,
+    CoreInput,
     RuleChanged,
     SampleDropped,
     SourceStateChanged,
@@ -42,6 +46,7 @@ from ctxrobot.model.events import (
     TaskStateChanged,
     UsageSampled,
 )
+from ctxrobot.observe.inputs import encode
 from ctxrobot.observe.paths import (
     RUN_DB_MODE,
     OutputPathError,
@@ -186,6 +191,7 @@ class RunStore:
             AllocationApplied: self._on_allocation,
             UsageSampled: self._on_usage,
             SourceStateChanged: self._on_source,
+            CoreInput: self._on_core_input,
         }
 
     def _on_result(self, ev: TaskResult) -> None:
@@ -220,6 +226,11 @@ class RunStore:
 
     def _on_source(self, ev: SourceStateChanged) -> None:
         self._add("source_states", (ev.t, ev.source, ev.state, ev.detail))
+
+    def _on_core_input(self, ev: CoreInput) -> None:
+        # Encoded here, on the pipeline's thread: the decision thread only published it.
+        kind, body = encode(ev.event)
+        self._add("core_inputs", (ev.t, ev.seq, kind, body))
 
     def _add(self, table: str, row: tuple[Any, ...]) -> None:
         with self._cond:

@@ -10,6 +10,14 @@ core a :class:`~ctxrobot.sched.state.Tick`. So decisions never run on a publishe
 no lock is held while cgroup files are written, and the order of decisions is the order of
 the inbox.
 
+**Every input is recorded.** After carrying out an input's actions the thread publishes it,
+with the ``now`` it handed the core and its sequence number, as a
+:class:`~ctxrobot.model.events.CoreInput` on the ``core.input`` topic; the run store writes
+it into run.db's ``core_inputs`` table from the observer pipeline's thread (the decision
+thread only publishes, never touches the disk). Replaying those inputs through a fresh core
+built from the same manifest reproduces the run's decisions in virtual time. Reads of the
+core's state (:meth:`DecisionLoop.call`) are not inputs: they change nothing.
+
 Only this thread runs at real-time priority (``SCHED_FIFO``): a context change must not wait
 behind the containers it is about to re-weight, but the SQLite writer, the camera-frame
 copies and the sockets have no business above the tasks.
@@ -30,7 +38,7 @@ from typing import Any, TypeVar
 from ctxrobot.actuate.actuator import Actuator
 from ctxrobot.model.actions import Action, ApplyAllocation, Publish, SetDispatch
 from ctxrobot.model.bus import EventBus
-from ctxrobot.model.events import AllocationApplied
+from ctxrobot.model.events import AllocationApplied, CoreInput
 from ctxrobot.sched.state import SchedulerState, Start, Tick
 
 __all__ = ["CORE_TOPICS", "DecisionLoop", "Executor", "PeriodicSampler"]
@@ -71,7 +79,7 @@ class Executor:
     ) -> None:
         self.actuator = actuator
         self._set_dispatch = set_dispatch
-        self._bus = bus
+        self.bus = bus
         self._clock = clock
 
     def run(self, actions: Iterable[Action]) -> None:
@@ -84,14 +92,14 @@ class Executor:
             elif isinstance(action, SetDispatch):
                 self._set_dispatch(action.task, action.rate_hz, action.stale_after_s)
             elif isinstance(action, Publish):
-                self._bus.publish(action.topic, action.event)
+                self.bus.publish(action.topic, action.event)
 
     def _apply(self, action: ApplyAllocation) -> None:
         # A task being restarted has no container for a moment; it gets its whole
         # allocation when it runs again (the core forgets what it had).
         self.actuator.apply(action.changes)
         done = self._clock()
-        self._bus.publish(
+        self.bus.publish(
             "allocation",
             AllocationApplied(
                 t=done,
@@ -133,6 +141,7 @@ class DecisionLoop:
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="decide", daemon=True)
         self._subscriptions: list[Any] = []
+        self._inputs = 0  # inputs handed to the core so far: the next one's `seq`
         self.errors = 0
 
     def attach(self, bus: EventBus, topics: Sequence[str] = CORE_TOPICS) -> None:
@@ -186,12 +195,23 @@ class DecisionLoop:
                 if isinstance(event, _Call):
                     event.result.set_result(event.fn(self.state))
                 else:
-                    self.executor.run(self.state.handle(event, self._clock()))
+                    self._decide(event)
             except Exception as err:  # one bad event must not end scheduling
                 self.errors += 1
                 log.exception("decision on %r failed", event)
                 if isinstance(event, _Call):
                     event.result.set_exception(err)
+
+    def _decide(self, event: object) -> None:
+        """Hand ``event`` to the core, carry out its actions, then record the input."""
+        now = self._clock()
+        try:
+            self.executor.run(self.state.handle(event, now))
+        finally:
+            # Recorded after the actions, so that recording never delays a cgroup write,
+            # and also when they failed: the core has taken the input either way.
+            seq, self._inputs = self._inputs, self._inputs + 1
+            self.executor.bus.publish("core.input", CoreInput(now, seq, event))
 
 
 def become_realtime(priority: int) -> None:
