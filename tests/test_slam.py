@@ -205,7 +205,9 @@ def test_search_then_icp_recovers_a_displaced_scan() -> None:
     guess = np.array([0.4, -0.3, math.radians(6.0)])
     found = correlative_search(field, scan.points, guess, 0.8, math.radians(10.0), 0.0175)
     assert np.hypot(*found.pose[:2]) < 0.15 and abs(found.pose[2]) < math.radians(2.0)
-    assert found.runner_up < found.score
+    # One room seen whole: the near-optimal poses stay within a few cells of the best.
+    assert not found.crowded
+    assert np.linalg.eigvalsh(found.spread[:2, :2])[1] < 0.2**2
     result = icp(target, scan.points, found.pose)
     assert np.hypot(*result.pose[:2]) < 0.01 and abs(result.pose[2]) < math.radians(0.2)
     # As good a fit as the true pose itself (fitness counts only points near a map line).
@@ -213,7 +215,8 @@ def test_search_then_icp_recovers_a_displaced_scan() -> None:
 
 
 def test_branch_and_bound_finds_the_exhaustive_optimum() -> None:
-    """The pruned search returns the pose and score that scoring every grid pose gives."""
+    """The pruned search returns the pose, score and near-optimal spread that scoring every
+    grid pose gives."""
     ds = load_laser_dataset(require_data("slam/intel"))
     g = ds.geometry
     rng = np.random.default_rng(3)
@@ -224,7 +227,7 @@ def test_branch_and_bound_finds_the_exhaustive_optimum() -> None:
         field = LikelihoodField(world, 0.1, 0.1, 2.0)
         guess = np.array([*rng.normal(0.0, 0.3, 2), rng.normal(0.0, 0.05)])
         found = correlative_search(field, scan, guess, 1.0, math.radians(6.0), math.radians(1.0))
-        best = -1.0
+        grid, scores = [], []
         for theta in guess[2] + math.radians(1.0) * np.arange(-6, 7):
             for dx in 0.1 * np.arange(-10, 11):
                 for dy in 0.1 * np.arange(-10, 11):
@@ -232,9 +235,18 @@ def test_branch_and_bound_finds_the_exhaustive_optimum() -> None:
                     pts = compose(pose, np.column_stack([scan, np.zeros(len(scan))]))[:, :2]
                     cells = np.floor((pts - field.origin) / 0.1).astype(int)
                     cells = np.clip(cells, 0, np.array(field.shape[::-1]) - 1)
-                    best = max(best, float(field.field[cells[:, 1], cells[:, 0]].mean()))
-        assert found.score == pytest.approx(best, rel=1e-5)
-        assert found.runner_up <= found.score
+                    grid.append(pose)
+                    scores.append(float(field.field[cells[:, 1], cells[:, 0]].mean()))
+        score = np.asarray(scores)
+        best = int(np.argmax(score))
+        assert found.score == pytest.approx(score[best], rel=1e-5)
+        assert not found.crowded
+        # Near-optimal poses (≥ 0.9 × best), weighted by their score above that threshold.
+        near = score >= 0.9 * score[best]
+        offsets = np.asarray(grid)[near] - grid[best]
+        weight = score[near] - 0.9 * score[best]
+        spread = (offsets * weight[:, None]).T @ offsets / weight.sum()
+        assert found.spread == pytest.approx(spread, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------ task
@@ -406,13 +418,16 @@ def test_a_closure_the_graph_disagrees_with_is_rejected() -> None:
     index, _ = slam.graph.robust_residuals()
     i, j = slam.graph.edge_nodes(int(index[len(index) // 2]))
     wrong = between(slam.graph.poses[i], slam.graph.poses[j]) + np.array([1.5, 0.0, 0.17])
-    slam.graph.add_edge(i, j, wrong, slam._loop_info, robust=True)
-    slam.loop_closures += 1
+    # As certain as the real closure it copies.
+    info = slam.graph.information(index[len(index) // 2 : len(index) // 2 + 1])[0]
+    slam.graph.add_edge(i, j, wrong, info, robust=True)
+    slam.loops.closures += 1
     slam.finish()
     assert slam.rejected_closures == rejected + 1
     assert slam.loop_closures == accepted
-    _, residuals = slam.graph.robust_residuals()
-    assert np.all(np.hypot(residuals[:, 0], residuals[:, 1]) <= slam.config.loop_reject_m)
+    index, residuals = slam.graph.robust_residuals()
+    chi2 = np.einsum("ei,eij,ej->e", residuals, slam.graph.information(index), residuals)
+    assert np.all(chi2 <= slam.config.loop_reject_chi2)
 
 
 # ------------------------------------------------------------------------------ other scanners

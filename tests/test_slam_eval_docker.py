@@ -25,7 +25,7 @@ SCANS = {"intel": 13631, "aces": 7374, "fr-clinic": 6917, "mit-killian": 17480}
 #: Logs where the task does not meet the targets yet (docs/slam.md, "What is left"): the run
 #: must still work and its figures are printed; a missed target is reported as an expected
 #: failure, and meeting it fails the test until the log is taken off this list.
-NOT_YET = {"fr-clinic", "mit-killian"}
+NOT_YET = {"fr-clinic"}
 
 
 @pytest.mark.parametrize(

@@ -109,7 +109,7 @@ def icp(
 # Greedy descents run side by side to find the first score the optimum must beat.
 _GREEDY_SEEDS = 8
 # More blocks than this above the pruning threshold at one level: the window is ambiguous.
-_MAX_BLOCKS = 4000
+_MAX_BLOCKS = 20000
 
 
 class LikelihoodField:
@@ -154,7 +154,13 @@ class LikelihoodField:
 class SearchResult:
     pose: np.ndarray  # best grid pose
     score: float  # its mean likelihood per point, 0…1
-    runner_up: float  # best mean score of poses clearly apart from it (aliasing measure)
+    # Covariance (x, y, θ; map frame) of the near-optimal poses about the best one, weighted
+    # by how close each scores to it: small when the place is distinct, long along a corridor,
+    # wide where the place repeats. Exact unless ``crowded``.
+    spread: np.ndarray
+    # So many blocks scored near the best that only the most promising were followed: the
+    # best pose and the spread are those of a part of the near-optimal set.
+    crowded: bool
 
 
 def correlative_search(
@@ -164,21 +170,17 @@ def correlative_search(
     linear_window: float,
     angular_window: float,
     angular_step: float,
-    ambiguity: float = 0.9,
-    distinct_m: float = 0.3,
-    distinct_rad: float = np.radians(3.0),
+    near_ratio: float = 0.9,
 ) -> SearchResult:
     """Best pose on a grid around ``initial`` (cell-sized translation steps), with its score.
 
     Branch and bound over translations, level by level: a greedy descent from the best
     coarse block gives a score s₀ that the optimum must beat, and every block whose upper
-    bound is below ``ambiguity`` × s₀ is dropped with all its translations. What survives to
-    level 0 is scored exactly, so the best pose is the exhaustive search's, and ``runner_up``
-    (the best score farther than ``distinct_m`` or ``distinct_rad`` from the winner) is exact
-    whenever it is at least ``ambiguity`` × s₀ — the only case in which it matters: close to
-    the winner's score means the place is ambiguous (repeated doors, featureless corridor).
-    When thousands of blocks stay above that bound the window is declared ambiguous
-    (``runner_up`` = ``score``) instead of scoring them all.
+    bound is below ``near_ratio`` × s₀ is dropped with all its translations. What survives to
+    level 0 is scored exactly, so the best pose and the near-optimal set (score ≥
+    ``near_ratio`` × best), whose spread says which directions the match fixes, are the
+    exhaustive search's — unless thousands of blocks stay above the bound: then only the most
+    promising are followed and the result is marked ``crowded``.
     """
     res = field.resolution
     h, w = field.shape
@@ -225,7 +227,7 @@ def correlative_search(
         order = np.lexsort((s, parent))
         last = order[np.r_[parent[order][1:] != parent[order][:-1], True]]
         ga, gx, gy, s = ga[last], gx[last], gy[last], s[last]
-    threshold = ambiguity * float(s.max())
+    threshold = near_ratio * float(s.max())
     crowded = False
     for level in range(top - 1, -1, -1):
         keep = np.flatnonzero(scores >= threshold)
@@ -237,13 +239,18 @@ def correlative_search(
         a, ox, oy, _ = children(a[keep], ox[keep], oy[keep], 1 << (level + 1))
         scores = bound(level, a, ox, oy)
     i = int(np.argmax(scores))
-    best_score = float(scores[i])
-    near = (np.hypot(ox - ox[i], oy - oy[i]) * res <= distinct_m) & (
-        np.abs(angles[a] - angles[a[i]]) <= distinct_rad
-    )
-    runner_up = float(scores[~near].max()) if (~near).any() else 0.0
-    if crowded:
-        runner_up = best_score
-    n = max(len(points), 1)
     pose = np.array([initial[0] + (ox[i] - k) * res, initial[1] + (oy[i] - k) * res, angles[a[i]]])
-    return SearchResult(pose, best_score / n, runner_up / n)
+    offsets = np.column_stack([(ox - ox[i]) * res, (oy - oy[i]) * res, angles[a] - angles[a[i]]])
+    spread = _near_optimal_spread(offsets, scores, near_ratio * float(scores[i]))
+    return SearchResult(pose, float(scores[i]) / max(len(points), 1), spread, crowded)
+
+
+def _near_optimal_spread(offsets: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Covariance of the pose ``offsets`` (from the best) scoring at least ``threshold``,
+    each weighted by how far its score rises above the threshold (0 at it, most at the best)."""
+    near = scores >= threshold
+    weight = scores[near] - threshold
+    total = float(weight.sum())
+    if total <= 0:
+        return np.zeros((3, 3))
+    return (offsets[near] * weight[:, None]).T @ offsets[near] / total

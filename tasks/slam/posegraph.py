@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import spsolve
+from scipy.sparse.linalg import SuperLU, splu
 
 from slam.se2 import wrap
 
@@ -49,6 +49,8 @@ class PoseGraph:
         self._z: list[np.ndarray] = []
         self._info: list[np.ndarray] = []
         self._robust: list[bool] = []
+        self._factor: SuperLU | None = None
+        self._factor_nodes = 0  # nodes covered by _factor
 
     @property
     def num_nodes(self) -> int:
@@ -69,6 +71,10 @@ class PoseGraph:
         """The two nodes edge ``index`` joins."""
         return self._i[index], self._j[index]
 
+    def information(self, indices: np.ndarray) -> np.ndarray:
+        """Information matrices (unscaled by the robust kernel) of the given edges, (m, 3, 3)."""
+        return np.asarray(self._info)[np.asarray(indices, dtype=int)]
+
     def remove_edge(self, index: int) -> None:
         """Drop edge ``index`` (a loop closure the rest of the graph disagrees with)."""
         for column in (self._i, self._j, self._z, self._info, self._robust):
@@ -88,11 +94,45 @@ class PoseGraph:
         """One Gauss-Newton iteration over the whole graph; returns the largest update.
 
         Each call costs one sparse factorisation (tens of ms for thousands of nodes), which is
-        what lets the caller spread an optimisation over several scan updates.
+        what lets the caller spread an optimisation over several scan updates. The
+        factorisation is kept for :meth:`joint_covariance`.
         """
-        n = self.num_nodes
-        if n < 2 or not self._i:
+        if self.num_nodes < 2 or not self._i:
             return 0.0
+        hess, grad = self._linearise()
+        self._factor = splu(hess)
+        self._factor_nodes = self.num_nodes
+        dx = self._factor.solve(-grad).reshape(-1, 3)
+        self.poses = self.poses + dx
+        self.poses[:, 2] = wrap(self.poses[:, 2])
+        return float(np.abs(dx).max())
+
+    @property
+    def factored_nodes(self) -> int:
+        """Nodes covered by the kept factorisation (0 before the first)."""
+        return self._factor_nodes
+
+    def joint_covariance(self, nodes: list[int]) -> np.ndarray:
+        """Joint covariance (3m × 3m, map frame) of the poses of ``nodes`` given every edge.
+
+        Read from the factorisation of the last Gauss-Newton step (closures added since make
+        it slightly pessimistic); made afresh when a node is newer than that factorisation.
+        """
+        if self._factor is None or max(nodes) >= self._factor_nodes:
+            hess, _ = self._linearise()
+            self._factor = splu(hess)
+            self._factor_nodes = self.num_nodes
+        basis = np.zeros((3 * self._factor_nodes, 3 * len(nodes)))
+        for col, node in enumerate(nodes):
+            basis[3 * node + _R3, 3 * col + _R3] = 1.0
+        solved = self._factor.solve(basis)
+        rows = np.concatenate([3 * node + _R3 for node in nodes])
+        return solved[rows]
+
+    def _linearise(self) -> tuple[sp.csc_matrix, np.ndarray]:
+        """Gauss-Newton normal equations (Hessian, gradient) at the current poses, with the
+        robust kernel's weights and the anchor of node 0."""
+        n = self.num_nodes
         i = np.asarray(self._i)
         j = np.asarray(self._j)
         z = np.asarray(self._z)
@@ -149,10 +189,7 @@ class PoseGraph:
         grad = np.zeros(3 * n)
         np.add.at(grad, (3 * i[:, None] + _R3).ravel(), gi.ravel())
         np.add.at(grad, (3 * j[:, None] + _R3).ravel(), gj.ravel())
-        dx = spsolve(hess, -grad).reshape(n, 3)
-        self.poses = self.poses + dx
-        self.poses[:, 2] = wrap(self.poses[:, 2])
-        return float(np.abs(dx).max())
+        return hess, grad
 
     def optimise(self, max_iterations: int = 20, tolerance: float = 1e-4) -> int:
         """Iterate to convergence; returns the number of iterations run."""
