@@ -8,16 +8,21 @@ asserted (this is a shared 2-core machine).
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
 
+from ctxrobot.actuate.docker import LABEL_RUN
 from ctxtask.datasets.signs import score_run
-from tests.conftest import ctxrobot, require_data, require_image
+from tests.conftest import REPO, ctxrobot, require_data, require_image
 
 pytestmark = pytest.mark.docker
 
@@ -102,3 +107,28 @@ def test_run_scored_in_the_loop(tmp_path: Path) -> None:
     assert score["frames"] == len(results) > 40
     assert 15 <= score["stop_frames"] <= 25  # two photos held 2 s each at 5 fps
     assert score["stop_recall"] >= 0.95 and score["stop_precision"] >= 0.95
+
+
+def test_sigterm_during_eval_removes_its_container() -> None:
+    """systemd, `kill` or a CI timeout stop an evaluation: its container goes with it."""
+    require_image(IMAGE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctxrobot", "eval", "signs", str(require_data("signs"))],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = docker.from_env()
+    label = {"label": f"{LABEL_RUN}=eval-{proc.pid}"}
+    try:
+        deadline = time.monotonic() + 120
+        while not client.containers.list(filters=label):
+            assert proc.poll() is None and time.monotonic() < deadline, "no eval container"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert client.containers.list(all=True, filters=label) == []

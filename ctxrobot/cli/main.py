@@ -521,7 +521,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
+    # SIGTERM (systemd, `kill`, a CI timeout) unwinds like Ctrl-C, so every command's cleanup
+    # runs: an evaluation's container is removed, a recording keeps what it wrote. `run` and
+    # `daemon` replace this with a graceful stop while they run.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return _run_command(args)
+
+
+def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    log.warning("%s received: stopping", signal.Signals(signum).name)
+    sys.exit(128 + signum)
 
 
 def _run_command(args: argparse.Namespace) -> int:
