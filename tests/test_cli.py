@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, ctxrobot
+from tests.conftest import REPO, ctxrobot, require_data
 
 COMMANDS = [
     "validate",
@@ -130,3 +130,9 @@ def test_a_non_yaml_file_is_described_briefly(tmp_path: Path) -> None:
     proc = ctxrobot("validate", str(text))
     assert proc.returncode == 2
     assert "must be a mapping" in proc.stderr and len(proc.stderr) < 300
+
+
+def test_eval_on_a_cpu_it_may_not_use() -> None:
+    proc = ctxrobot("eval", "signs", str(require_data("signs")), "--cpu", "4096")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("ctxrobot eval: --cpu 4096: not a CPU this process may use")

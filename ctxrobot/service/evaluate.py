@@ -17,7 +17,7 @@ from ctxrobot.actuate.docker import BindMount, ContainerError, ContainerSpec, Do
 from ctxtask.datasets import data_dir
 
 IMAGES = {"slam": "ctxrobot/slam", "signs": "ctxrobot/signs", "speech": "ctxrobot/speech"}
-EVAL_CPU = "1"  # cpu 0 takes most interrupts and the host runtime; measure on the other
+EVAL_CPU = 1  # cpu 0 takes most interrupts and the host runtime; measure on the other
 
 
 class EvalError(RuntimeError):
@@ -40,7 +40,12 @@ def _check_readable_by_task_user(dataset: Path) -> None:
 
 
 def evaluate_in_container(
-    task: str, dataset: Path, *, json_output: bool, extra: Sequence[str] = ()
+    task: str,
+    dataset: Path,
+    *,
+    json_output: bool,
+    extra: Sequence[str] = (),
+    cpu: int | None = None,
 ) -> int:
     """Run `python -m <task>.evaluate /dataset` in the task image; stream its output.
 
@@ -58,6 +63,10 @@ def evaluate_in_container(
     command = ["python", "-m", f"{task}.evaluate", "/dataset", *(["--json"] if json_output else [])]
     command += list(extra)
     cpus = os.sched_getaffinity(0)
+    if cpu is None:
+        cpu = EVAL_CPU if EVAL_CPU in cpus else min(cpus)
+    elif cpu not in cpus:
+        raise EvalError(f"--cpu {cpu}: not a CPU this process may use ({sorted(cpus)})")
     backend = DockerBackend()
     name = f"ctxrobot-eval-{task}-{os.getpid()}-{int(time.time())}"
     spec = ContainerSpec(
@@ -68,7 +77,7 @@ def evaluate_in_container(
         command=command,
         env={"CTXROBOT_DATA": "/data", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
         mounts=tuple(mounts),
-        cpuset_cpus=EVAL_CPU if int(EVAL_CPU) in cpus else str(min(cpus)),
+        cpuset_cpus=str(cpu),
     )
     try:
         container = backend.create_and_start(spec)
