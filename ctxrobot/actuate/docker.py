@@ -4,7 +4,7 @@ Lifecycle changes are rare and may take Docker's tens of milliseconds; CPU re-al
 frequent and goes through the cgroup fast path (:mod:`ctxrobot.actuate.cgroups`).
 :meth:`DockerBackend.controller_for` hands out that fast path when the container's cgroup
 files are writable, and otherwise a :class:`DockerApiController` that does the same through
-``docker update`` / ``pause`` (correct, but ~20 ms per change).
+``docker update`` / ``pause`` (correct, but 20-70 ms per change: one field to a whole allocation).
 
 Every container carries the labels of ARCHITECTURE.md ("Container labels"), so a later run
 can find and clean up what a crashed one left behind.
@@ -462,7 +462,7 @@ class DockerBackend:
             if not self._warned_fallback:
                 log.warning(
                     "cgroup files not writable at %s; falling back to the Docker API "
-                    "(~20 ms per change) [%s]",
+                    "(20-70 ms per change) [%s]",
                     err.path or f"/proc/{pid}/cgroup",
                     err,
                 )
