@@ -275,6 +275,8 @@ class RunStore:
                 self._cond.notify_all()  # room again for an event waiting in `_add`
             if batch:
                 self._write_or_keep(batch)
+            # Not held while waiting for the next batch: up to BUFFER_ROWS rows of memory.
+            del batch
 
     def _write_or_keep(self, batch: Sequence[Row]) -> None:
         """Write `batch`; rows the disk refuses go back to the front of the buffer."""
