@@ -264,4 +264,4 @@ def test_controller_for_falls_back_when_cgroups_are_unreachable(
     warnings = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert "cgroup files not writable at" in warnings[0]
-    assert "~20 ms per change" in warnings[0]
+    assert "20-70 ms per change" in warnings[0]

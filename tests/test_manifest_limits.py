@@ -355,8 +355,10 @@ def test_dangerous_mounts_are_problems_at_their_source(tmp_path: Path, data: Pat
     line, col, message = only(errors(tmp_path, HEAD + TASK + mount))
     assert (line, col) == (9, 23)
     assert message.startswith("tasks[0].mounts[0].source: mount source /run/docker.sock is refused")
-    mount = "    mounts: [{source: /tmp, target: /run//ctxrobot}]\n"
-    assert only(errors(tmp_path, HEAD + TASK + mount))[:2] == (9, 37)
+    # The manifest's own folder as the source: /tmp would be refused too where the checkout
+    # (and its runs/ folder) is under /tmp.
+    mount = "    mounts: [{source: ., target: /run//ctxrobot}]\n"
+    assert only(errors(tmp_path, HEAD + TASK + mount))[:2] == (9, 34)
     refused = HEAD.replace("${CTXROBOT_DATA}", "/") + TASK
     # The scenario's data files are then missing too: those problems are the scenario file's,
     # sorted by path, so pick the manifest's own.
