@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, ctxrobot, require_data, require_image
 
 from ctxrobot.actuate.actuator import Actuator
-from ctxrobot.actuate.cgroups import CgroupV2Controller
 from ctxrobot.manifest.schema import Manifest, load_manifest
 from ctxrobot.model.actions import ApplyAllocation
 from ctxrobot.model.allocation import Machine
@@ -36,6 +33,8 @@ from ctxrobot.observe.values import dumps
 from ctxrobot.sched.state import OverrideSignals, ReloadRules, Start
 from ctxrobot.service.core import build_core
 from ctxrobot.service.loop import DecisionLoop, Executor
+from tests.conftest import REPO, ctxrobot, require_data, require_image
+from tests.test_loop import cgroup, publish_from
 
 ROBOT = REPO / "config" / "robot.yaml"
 TASKS = ("slam", "signs", "speech")
@@ -169,37 +168,16 @@ def test_a_replay_without_one_input_or_with_one_changed_does_not_match(
 
 
 # -- the decision thread, bus, pipeline and store, without Docker ------------------------------
-def _cgroup(root: Path, name: str) -> CgroupV2Controller:
-    """A cgroup v2 folder in a temp tree: real files the actuator writes."""
-    path = root / name
-    path.mkdir()
-    for file, text in {
-        "cpu.weight": "100\n",
-        "cpu.max": "max 100000\n",
-        "cgroup.freeze": "0\n",
-    }.items():
-        (path / file).write_text(text)
-    return CgroupV2Controller(path)
-
-
-def _publish_from(thread: str, bus: EventBus, topic: str, event: object) -> None:
-    publisher = threading.Thread(target=bus.publish, args=(topic, event), name=thread)
-    publisher.start()
-    publisher.join()
-
-
 def _play(bus: EventBus, loop: DecisionLoop, manifest: Manifest) -> None:
     """Sensor readings, a result, operator commands; and time for the core's timers."""
     for i in range(6):  # the robot drives off: slam becomes critical
         now = time.monotonic()
-        _publish_from(
-            "lidar", bus, "sensor.odometry", Odometry("lidar", now, 0.1 * i, 0, 0, 0.5, 0)
-        )
+        publish_from("lidar", bus, "sensor.odometry", Odometry("lidar", now, 0.1 * i, 0, 0, 0.5, 0))
         time.sleep(0.05)
-    _publish_from("mic", bus, "sensor.audio", AudioLevel("mic", time.monotonic(), -10.0))
+    publish_from("mic", bus, "sensor.audio", AudioLevel("mic", time.monotonic(), -10.0))
     now = time.monotonic()
     sign = TaskResult("signs", 1, now - 0.05, now - 0.04, now, {"detections": [{"label": "stop"}]})
-    _publish_from("signs:recv", bus, "task.result", sign)
+    publish_from("signs:recv", bus, "task.result", sign)
     time.sleep(0.5)  # the voice's hangover runs out: a Tick
     loop.submit(OverrideSignals({"motion": "stopped"}))
     loop.submit(ReloadRules(manifest.rules[1:]))
@@ -223,7 +201,7 @@ def thread_run(tmp_path: Path) -> Iterator[Recording]:
     )
     pipeline = ObserverPipeline(bus)
     pipeline.add(store, "store")
-    controllers = {name: _cgroup(tmp_path, name) for name in TASKS}
+    controllers = {name: cgroup(tmp_path, name) for name in TASKS}
     executor = Executor(Actuator(controllers, Machine(2.0)), lambda *_: None, bus)
     loop = DecisionLoop(build_core(manifest, "ctx", TASKS), executor, rt_priority=0)
     loop.attach(bus)
