@@ -28,7 +28,7 @@ import pytest
 
 from ctxrobot.actuate.cgroups import discover
 from ctxrobot.service.control import ControlClient, ControlError
-from tests.conftest import REPO, require_data, require_image, skip_unless_ci
+from tests.conftest import REPO, ctxrobot, require_data, require_image, skip_unless_ci
 
 pytestmark = pytest.mark.docker
 
@@ -453,22 +453,8 @@ def test_a_full_disk_at_the_start_is_one_line(tmp_path: Path, data: Path, small_
 def test_a_missing_image_is_one_line(tmp_path: Path, data: Path, command: str) -> None:
     manifest = write_manifest(tmp_path / "robot.yaml", data, image="ctxrobot/never-built")
     args = ["--socket", str(tmp_path / "ctl.sock")] if command == "daemon" else []
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ctxrobot",
-            command,
-            "--config",
-            str(manifest),
-            "--out",
-            str(tmp_path / "run"),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
+    proc = ctxrobot(
+        command, "--config", str(manifest), "--out", str(tmp_path / "run"), *args, timeout=120
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -494,22 +480,7 @@ def test_a_truncated_laser_log_is_one_line_naming_the_file(tmp_path: Path, data:
     laser.write_bytes((intel / "intel_laser.txt.gz").read_bytes()[:300_000])
     manifest = write_manifest(tmp_path / "robot.yaml", copy)
     before = set(docker("ps", "-aq").split())
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ctxrobot",
-            "run",
-            "--config",
-            str(manifest),
-            "--out",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    proc = ctxrobot("run", "--config", str(manifest), "--out", str(tmp_path / "run"), timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ctxrobot run: cannot replay scenario"), lines
