@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,18 @@ def skip_unless_ci(reason: str) -> NoReturn:
     if in_ci():
         pytest.fail(f"CI=true, so this is a failure, not a skip: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def require_checkout_open_to_others() -> None:
+    """Tests that switch to another user (`setpriv`) run ctxrobot from this checkout: every
+    folder above it must let other users through, or skip (in CI: fail) saying which."""
+    for folder in [REPO, *REPO.parents]:
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            skip_unless_ci(
+                f"other users cannot reach this checkout: {folder} is mode {mode & 0o777:o}; "
+                f"`chmod o+x {folder}` (tests that act as another user run ctxrobot from here)"
+            )
 
 
 def require_data(subpath: str = "") -> Path:

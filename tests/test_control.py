@@ -28,7 +28,7 @@ import pytest
 
 from ctxrobot.service.control import COMMANDS, ControlClient, ControlError
 from ctxrobot.service.control_server import ControlLimits, ControlServer
-from tests.conftest import REPO
+from tests.conftest import REPO, require_checkout_open_to_others
 
 NOBODY = 65534
 READ_GID, OPERATOR_GID, OTHER_GID = 47001, 47002, 47003  # no group entries needed
@@ -357,6 +357,7 @@ def as_user(path: Path, groups: list[int], *cmds: str) -> list[dict[str, Any]]:
     """Run `cmds` over one connection as uid 65534 with exactly `groups`."""
     if os.geteuid() != 0:
         pytest.skip("switching users needs root")
+    require_checkout_open_to_others()
     group_args = [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
     user = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", *group_args]
     proc = subprocess.run(

@@ -20,7 +20,7 @@ import pytest
 
 from ctxrobot.actuate.docker import DockerBackend
 from ctxrobot.service.control import ControlClient, ControlError
-from tests.conftest import REPO, require_data, require_image
+from tests.conftest import REPO, require_checkout_open_to_others, require_data, require_image
 
 pytestmark = pytest.mark.docker
 
@@ -201,6 +201,7 @@ def test_prometheus_metrics_of_the_live_daemon(daemon: Daemon) -> None:
 def test_other_users_are_refused(daemon: Daemon) -> None:
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is needed to act as another user")
+    require_checkout_open_to_others()
     # The roles themselves (read vs operator, SO_PEERCRED) are tested with real users in
     # tests/test_control.py; here: a refusal from the running daemon is one line, exit 2.
     proc = daemon.ctl("status", user=NOBODY)

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, require_data, require_image, skip_unless_ci
+from tests.conftest import (
+    REPO,
+    require_checkout_open_to_others,
+    require_data,
+    require_image,
+    skip_unless_ci,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -169,6 +175,7 @@ def test_no_permission_on_the_cgroup_tree() -> None:
     require_image("ctxrobot/signs")
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         skip_unless_ci("acting as another user needs root and setpriv (util-linux)")
+    require_checkout_open_to_others()
     # pytest's tmp_path is private to root; this user needs a folder of its own.
     with tempfile.TemporaryDirectory(prefix="ctxrobot-nobody-") as folder:
         Path(folder).chmod(0o777)
