@@ -177,6 +177,8 @@ class SchedulerState:
         self._now = -float("inf")  # the time of the last event handled
         self._previous_now = -float("inf")
         self._actions: list[Action] = []
+        # Each task's last view and what it was made of (see `_views`).
+        self._view_memo: dict[str, tuple[TaskState, TaskDirective, float | None, TaskState]] = {}
 
     # -- the one entry point ----------------------------------------------------------------
     def handle(self, event: object, now: float) -> list[Action]:
@@ -369,16 +371,30 @@ class SchedulerState:
 
     def _views(self) -> dict[str, TaskState]:
         """What the policy allocates among: the running tasks, directives applied."""
-        return {
-            name: replace(
-                t,
-                directive=self._effective_directive(name),
-                backlog_since=self._unfinished[name][0] if self._unfinished[name] else None,
-                feeds_context=name in self._feeders,
-            )
-            for name, t in self.tasks.items()
-            if name in self.running
-        }
+        return {name: self._view(name, t) for name, t in self.tasks.items() if name in self.running}
+
+    def _view(self, name: str, task: TaskState) -> TaskState:
+        # Asked after every input (`wake_at`), while most inputs change no task: a view is
+        # rebuilt only when one of the three things it is made of has changed.
+        directive = self._effective_directive(name)
+        unfinished = self._unfinished[name]
+        backlog_since = unfinished[0] if unfinished else None
+        memo = self._view_memo.get(name)
+        if (
+            memo is not None
+            and memo[0] is task
+            and memo[1] == directive
+            and memo[2] == backlog_since
+        ):
+            return memo[3]
+        view = replace(
+            task,
+            directive=directive,
+            backlog_since=backlog_since,
+            feeds_context=name in self._feeders,
+        )
+        self._view_memo[name] = (task, directive, backlog_since, view)
+        return view
 
     def _decide(self, trigger_t: float, reason: str, now: float) -> None:
         allocation = self.policy.allocate(self.context.signals, self._views(), now)
