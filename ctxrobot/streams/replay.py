@@ -2,9 +2,10 @@
 
 Each source turns its part of a scenario into a *timeline* of ticks before the clock
 starts (all file reading and decoding happens up front, so playback has no disk jitter).
-One `ScenarioPlayer` thread merges the timelines and fires each tick at its time: it
-publishes the tick's sensor summary on the bus (for context) and hands the full sample to
-the tasks that read that source. A sample's `t_sensor` is the moment it was fired, which
+A `ScenarioPlayer` fires each source's ticks at their times, on one thread per source
+(so back-pressure from one task holds up only its own source): each tick's sensor summary
+is published on the bus (for context) and the full sample handed to the tasks that read
+that source. A sample's `t_sensor` is the moment it was fired, which
 is what a live driver would stamp.
 """
 
