@@ -3,14 +3,15 @@
 Two kinds of subscriber, two delivery policies (stated here because the scheduler's
 latency depends on it):
 
-- **inline** (`bus.stream(topic)` and `subscribe(..., inline=True)`): runs in the
-  publisher's thread, under the bus lock, in publish order. Used by the context →
-  policy → actuator chain, which must react within a millisecond. Inline consumers must
-  be fast; the bus serialises publishers so reactivex operators never see concurrent calls.
+- **inline** (`subscribe(..., inline=True)`): runs in the publisher's thread. The bus does
+  not serialise publishers: a publisher never waits for another one's deliveries, so
+  inline subscribers must be thread-safe and only hand the event on (the decision
+  thread's inbox, the observer pipeline's queue). Each of those keeps one order of its
+  own; two publishers racing have no order between them to keep.
 - **queued** (`subscribe(..., inline=False)`): each subscriber has its own thread and a
-  bounded queue (`maxlen`, default 4096). When a slow consumer (the SQLite writer, a
-  dashboard) falls behind, the *oldest* events are dropped and counted in
-  `bus.dropped[name]`; memory stays bounded and publishers never wait.
+  bounded queue (`maxlen`, default 4096). When a slow consumer falls behind, the *oldest*
+  events are dropped and counted in `bus.dropped[name]`; memory stays bounded and
+  publishers never wait.
 
 A subscriber that raises is logged and counted in `bus.errors[name]`; it stays subscribed,
 and neither the bus nor the other subscribers notice.
@@ -24,9 +25,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import reactivex
-from reactivex import Observable
-from reactivex.abc import DisposableBase, ObserverBase, SchedulerBase
+from reactivex.abc import DisposableBase
 from reactivex.disposable import Disposable
 from reactivex.subject import Subject
 
@@ -41,21 +40,13 @@ class EventBus:
     def __init__(self, topics: dict[str, type] | None = None) -> None:
         self._types = dict(TOPICS if topics is None else topics)
         self._subjects: dict[str, Subject[Any]] = {name: Subject() for name in self._types}
-        self._lock = threading.RLock()
+        # Guards the counters only: publishers run at once, and `+=` on a Counter is a read
+        # and a write.
+        self._count_lock = threading.Lock()
         self._queued: list[_QueuedSubscriber] = []
         self.errors: collections.Counter[str] = collections.Counter()
         self.dropped: collections.Counter[str] = collections.Counter()
         self.published: collections.Counter[str] = collections.Counter()
-
-    @property
-    def delivery_lock(self) -> threading.RLock:
-        """The re-entrant lock inline deliveries run under.
-
-        Work that does not come from a publish (timers, operator overrides) holds it to be
-        ordered with inline deliveries, and so takes locks in the same order they do:
-        bus first, then the component's own.
-        """
-        return self._lock
 
     def _subject(self, topic: str) -> Subject[Any]:
         try:
@@ -72,34 +63,14 @@ class EventBus:
             raise TypeError(
                 f"topic {topic!r} carries {expected.__name__}, not {type(event).__name__}"
             )
-        with self._lock:
-            self.published[topic] += 1
-            subject.on_next(event)
+        self._count(self.published, topic)
+        # No lock around the delivery: one held here made the real-time decision thread,
+        # publishing its actions, wait for whichever sensor thread was delivering.
+        subject.on_next(event)
 
-    def stream(self, topic: str) -> Observable[Any]:
-        """The topic as an Observable for inline operator chains.
-
-        Each subscription gets its own guard: an exception that escapes the subscriber's
-        `on_next` is logged and counted, and the subscription keeps receiving later
-        events. An exception inside a reactivex operator (`map`, `filter`, …) follows Rx
-        rules instead: that chain ends with `on_error` (the bus and every other subscriber
-        carry on), so long-lived chains must not raise in their operators.
-        """
-        subject = self._subject(topic)
-
-        def subscribe(observer: ObserverBase[Any], _: SchedulerBase | None = None) -> Any:
-            name = f"{topic}:{type(observer).__name__}@{id(observer):x}"
-
-            def on_next(event: Any) -> None:
-                try:
-                    observer.on_next(event)
-                except Exception:
-                    self.errors[name] += 1
-                    log.exception("subscriber %s failed on %r; it stays subscribed", name, event)
-
-            return subject.subscribe(on_next, observer.on_error, observer.on_completed)
-
-        return reactivex.create(subscribe)
+    def _count(self, counter: collections.Counter[str], key: str) -> None:
+        with self._count_lock:
+            counter[key] += 1
 
     def subscribe(
         self,
@@ -117,7 +88,7 @@ class EventBus:
                 try:
                     callback(event)
                 except Exception:
-                    self.errors[name] += 1
+                    self._count(self.errors, name)
                     log.exception("subscriber %s failed on %r; it stays subscribed", name, event)
 
             return self._subject(topic).subscribe(guarded)
@@ -137,9 +108,8 @@ class EventBus:
 
     def close(self) -> None:
         """Complete every topic and stop queued subscribers after they drain."""
-        with self._lock:
-            for subject in self._subjects.values():
-                subject.on_completed()
+        for subject in self._subjects.values():
+            subject.on_completed()
         for q in self._queued:
             q.close()
 
@@ -163,7 +133,7 @@ class _QueuedSubscriber:
     def offer(self, event: Any) -> None:
         with self._cond:
             if len(self._queue) == self._queue.maxlen:
-                self._bus.dropped[self._name] += 1
+                self._bus._count(self._bus.dropped, self._name)
             self._queue.append(event)
             self._cond.notify()
 
@@ -183,7 +153,7 @@ class _QueuedSubscriber:
             try:
                 self._callback(event)
             except Exception:
-                self._bus.errors[self._name] += 1
+                self._bus._count(self._bus.errors, self._name)
                 log.exception("subscriber %s failed on %r; it stays subscribed", self._name, event)
 
     def wait_idle(self, timeout_s: float) -> bool:

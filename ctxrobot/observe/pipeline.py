@@ -12,8 +12,9 @@ Why one consumer and not one per observer and topic:
   all at once, so a publisher wakes the consumer once per batch, not once per event; the
   observers run in short bursts instead of competing for the interpreter on every event.
   A live reader (dashboard, metrics scrape) is at most that much behind.
-- **One order.** The bus serialises publishers, and the queue keeps their order across
-  topics, so an observer sees an allocation before the usage reading that refers to it.
+- **One order.** Every observer sees the events in the one order they entered the queue,
+  across topics: an event published after another has finished publishing comes after
+  it (an allocation before the usage reading taken after it was applied).
 - **One table per observer.** Each observer declares, in `handlers()`, which event types
   it reads and which of its methods handles each; the pipeline subscribes to the topics
   those types travel on (`ctxrobot.model.events.TOPICS`) and dispatches by type.
