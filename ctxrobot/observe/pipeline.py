@@ -8,7 +8,7 @@ Why one consumer and not one per observer and topic:
   observer does — JSON, SQLite, Prometheus locks, percentiles — ever runs on its thread.
   When the observers fall behind, the *oldest* queued events are dropped and counted
   (`dropped`), so memory stays bounded and publishers never wait.
-- **Batches.** Events gather for up to `GATHER_S` (20 ms) before the consumer takes them
+- **Batches.** Events gather for up to `GATHER_S` (100 ms) before the consumer takes them
   all at once, so a publisher wakes the consumer once per batch, not once per event; the
   observers run in short bursts instead of competing for the interpreter on every event.
   A live reader (dashboard, metrics scrape) is at most that much behind.
@@ -79,8 +79,10 @@ class ObserverPipeline:
     #: (~60 events/s) that is 18 minutes of backlog; the consumer normally keeps it empty.
     MAXLEN = 1 << 16
     #: Events gather this long before the consumer dispatches them, so that publishers wake
-    #: it once per batch rather than once per event (observers lag by at most this much)...
-    GATHER_S = 0.02
+    #: it once per batch rather than once per event (observers lag by at most this much: a
+    #: person watching does not see 0.1 s, and each wake-up of a sleeping thread costs a
+    #: cold start of the interpreter, several times the work of a small batch)...
+    GATHER_S = 0.1
     #: ...or until this many are queued.
     WAKE_AT = 512
     #: Least time between two "falling behind" log lines.

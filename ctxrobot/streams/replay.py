@@ -324,8 +324,10 @@ class ScenarioPlayer:
         while True:
             for tick in ticks:
                 due = t0 + tick.offset_s
+                # One wait to the tick's time: `stop` ends it early. Every extra wake-up of a
+                # thread that sleeps most of the time costs a cold start of the interpreter.
                 while (wait := due - self._clock()) > 0:
-                    if self._stop.wait(min(wait, 0.05)):
+                    if self._stop.wait(wait):
                         return
                 if self._stop.is_set():
                     return
