@@ -19,7 +19,7 @@ from ctxrobot.sched.policy import CtxPolicy
 from ctxrobot.sched.rules import RuleSpec
 from ctxrobot.sched.signals import Voice
 from ctxrobot.sched.state import OverrideSignals, SchedulerState, TaskConfig
-from ctxrobot.service.loop import DecisionLoop, Executor, PeriodicSampler
+from ctxrobot.service.loop import DecisionLoop, Executor, Inbox, PeriodicSampler
 
 GREEDY = RuleSpec.model_validate(
     {"name": "voice", "when": "voice_active", "set": {"speech": {"critical": True, "share": 0.95}}}
@@ -144,3 +144,27 @@ def test_the_sampler_runs_each_job_on_its_period() -> None:
     # On a period grid from the first call: a late call is not followed by a burst.
     first = calls["fast"][0]
     assert all(t >= first + k * 0.05 - 1e-3 for k, t in enumerate(calls["fast"]))
+
+
+def test_the_inbox_hands_events_in_order_and_waits_out_its_timeout() -> None:
+    inbox = Inbox()
+    inbox.put("a")
+    inbox.put("b")
+    assert inbox.get(None) == "a"
+    assert inbox.get(None) == "b"
+    # The doorbell rang twice for two events already taken: an empty inbox must still wait
+    # its whole timeout (an early None is a Tick the core never asked for).
+    start = time.monotonic()
+    assert inbox.get(0.2) is None
+    assert time.monotonic() - start >= 0.2
+
+
+def test_a_put_from_another_thread_wakes_a_waiting_get() -> None:
+    inbox = Inbox()
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(inbox.get(None)))
+    waiter.start()
+    time.sleep(0.05)  # let it block in the wait
+    inbox.put("event")
+    waiter.join(10.0)
+    assert not waiter.is_alive() and got == ["event"]

@@ -45,7 +45,7 @@ from ctxrobot.model.bus import EventBus
 from ctxrobot.model.events import AllocationApplied, CoreInput
 from ctxrobot.sched.state import SchedulerState, Start, Tick
 
-__all__ = ["CORE_TOPICS", "DecisionLoop", "Executor", "PeriodicSampler"]
+__all__ = ["CORE_TOPICS", "DecisionLoop", "Executor", "Inbox", "PeriodicSampler"]
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class Executor:
 _STOP = object()
 
 
-class _Inbox:
+class Inbox:
     """The decision thread's queue of events, with an eventfd as its doorbell.
 
     Why not ``queue.SimpleQueue``: the decision thread runs at real-time priority, so a
@@ -185,7 +185,7 @@ class DecisionLoop:
         self.executor = executor
         self._clock = clock
         self._rt_priority = rt_priority
-        self._inbox = _Inbox()
+        self._inbox = Inbox()
         self._thread = threading.Thread(target=self._run, name="decide", daemon=True)
         self._subscriptions: list[Any] = []
         self._inputs = 0  # inputs handed to the core so far: the next one's `seq`
