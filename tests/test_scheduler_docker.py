@@ -261,15 +261,19 @@ def test_a_backlogged_critical_task_gets_80_percent_of_the_envelope_within_100ms
     envelope: tuple[ParentCgroup, dict[str, CpuController]],
 ) -> None:
     """The bench's topology: a fractional envelope over 2 CPUs under a parent quota. Weights
-    alone cannot split that (tasks on different CPUs never meet); the others' quotas do."""
+    alone cannot split that (tasks on different CPUs never meet); the others' quotas do.
+
+    The others' floor is 5 % each, so the policy leaves speech 90 % of the envelope: the
+    80 % bar then has a margin. (With 10 % floors speech would get exactly 80 %, and whether
+    one 100 ms window reached it was jitter: measured 77-79 % over the second.)"""
     _, controllers = envelope
     bus = EventBus()
     applied: list[AllocationApplied] = []
     bus.subscribe("allocation", applied.append, name="test", inline=True)
     tasks = [
-        TaskConfig("slam", cpu_min=0.1, cpu_max=1.0),
-        TaskConfig("signs", cpu_min=0.1, cpu_max=1.0),
-        TaskConfig("speech", cpu_min=0.1, cpu_max=1.0, input="mic"),
+        TaskConfig("slam", cpu_min=0.05, cpu_max=1.0),
+        TaskConfig("signs", cpu_min=0.05, cpu_max=1.0),
+        TaskConfig("speech", cpu_min=0.05, cpu_max=1.0, input="mic"),
     ]
     core = SchedulerState(
         tasks,
@@ -301,4 +305,4 @@ def test_a_backlogged_critical_task_gets_80_percent_of_the_envelope_within_100ms
     )
     assert before["speech"] < 0.6 * ENVELOPE_CPUS, "without context the three share"
     assert reached is not None and reached - t_voice <= 0.1
-    assert onset.allocation["slam"].share_cap == onset.allocation["signs"].share_cap == 0.1
+    assert onset.allocation["slam"].share_cap == onset.allocation["signs"].share_cap == 0.05
