@@ -4,6 +4,7 @@ thread, written through the fast path, and nothing stays frozen after it stops."
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -14,12 +15,20 @@ from ctxrobot.actuate.actuator import Actuator
 from ctxrobot.actuate.cgroups import CgroupV2Controller
 from ctxrobot.model.allocation import Machine
 from ctxrobot.model.bus import EventBus
+from ctxrobot.model.errors import UserError
 from ctxrobot.model.events import AllocationApplied, AudioLevel, TaskResult
 from ctxrobot.sched.policy import CtxPolicy
 from ctxrobot.sched.rules import RuleSpec
 from ctxrobot.sched.signals import Voice
 from ctxrobot.sched.state import OverrideSignals, SchedulerState, TaskConfig
-from ctxrobot.service.loop import DecisionLoop, Executor, Inbox, PeriodicSampler
+from ctxrobot.service.loop import (
+    DecisionLoop,
+    Executor,
+    Inbox,
+    PeriodicSampler,
+    pin_threads,
+    runtime_cpu,
+)
 
 GREEDY = RuleSpec.model_validate(
     {"name": "voice", "when": "voice_active", "set": {"speech": {"critical": True, "share": 0.95}}}
@@ -168,3 +177,37 @@ def test_a_put_from_another_thread_wakes_a_waiting_get() -> None:
     inbox.put("event")
     waiter.join(10.0)
     assert not waiter.is_alive() and got == ["event"]
+
+
+def test_pinning_moves_every_thread_and_threads_started_later_inherit_it() -> None:
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("pinning to one CPU is visible only with two CPUs or more")
+    cpu = runtime_cpu("last")
+    assert cpu == max(allowed)
+    halt = threading.Event()
+    earlier = threading.Thread(target=halt.wait)
+    earlier.start()
+    try:
+        pin_threads({cpu})
+        later = threading.Thread(target=halt.wait)
+        later.start()
+        for thread in (threading.main_thread(), earlier, later):
+            assert thread.native_id is not None
+            assert os.sched_getaffinity(thread.native_id) == {cpu}, thread.name
+    finally:
+        pin_threads(allowed)
+        halt.set()
+    assert os.sched_getaffinity(earlier.native_id or 0) == allowed
+    earlier.join()
+    later.join()
+
+
+def test_the_runtime_cpu_setting_names_what_is_wrong_and_the_choices() -> None:
+    allowed = os.sched_getaffinity(0)
+    assert runtime_cpu("any") is None
+    assert runtime_cpu(str(min(allowed))) == min(allowed)
+    with pytest.raises(UserError, match=r"CTXROBOT_RUNTIME_CPU='first' is not a CPU.*`any`"):
+        runtime_cpu("first")
+    with pytest.raises(UserError, match=r"CTXROBOT_RUNTIME_CPU=4096: this process may only use"):
+        runtime_cpu("4096")

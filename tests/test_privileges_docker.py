@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ from ctxrobot.actuate.docker import (
     Security,
 )
 from ctxrobot.manifest.schema import load_manifest
+from ctxrobot.service.loop import runtime_cpu
 from ctxrobot.service.runtime import RunOptions, Runtime
 from tests.conftest import REPO, require_data, require_image
 
@@ -232,3 +235,23 @@ def test_the_pid_limit_stops_a_runaway(start_burner: StartBurner) -> None:
     started = int(in_container(name, RUNAWAY))
     print(f"\nthreads a task could start under PidsLimit {DEFAULT_PIDS_LIMIT}: {started}")
     assert 100 < started < DEFAULT_PIDS_LIMIT
+
+
+def test_only_the_decision_thread_is_real_time_and_the_runtime_keeps_to_one_cpu(
+    running: Runtime,
+) -> None:
+    """The runtime's threads share one CPU (see `runtime_cpu`); the decision thread alone is
+    SCHED_FIFO; the task containers are not confined with it."""
+    cpu = runtime_cpu()
+    threads = {t.name: t.native_id for t in threading.enumerate() if t.native_id is not None}
+    assert "decide" in threads
+    for name, tid in threads.items():
+        if cpu is not None:
+            assert os.sched_getaffinity(tid) == {cpu}, name
+        policy = os.sched_getscheduler(tid)
+        assert policy == (os.SCHED_FIFO if name == "decide" else os.SCHED_OTHER), name
+    if cpu is None or (os.cpu_count() or 1) < 2:
+        return
+    for name in running.container_names.values():
+        pid = inspect(name)["State"]["Pid"]
+        assert os.sched_getaffinity(pid) - {cpu}, f"{name} is confined to the runtime's CPU"

@@ -42,10 +42,19 @@ from typing import Any, TypeVar
 from ctxrobot.actuate.actuator import Actuator
 from ctxrobot.model.actions import Action, ApplyAllocation, Publish, SetDispatch
 from ctxrobot.model.bus import EventBus
+from ctxrobot.model.errors import UserError
 from ctxrobot.model.events import AllocationApplied, CoreInput
 from ctxrobot.sched.state import SchedulerState, Start, Tick
 
-__all__ = ["CORE_TOPICS", "DecisionLoop", "Executor", "Inbox", "PeriodicSampler"]
+__all__ = [
+    "CORE_TOPICS",
+    "DecisionLoop",
+    "Executor",
+    "Inbox",
+    "PeriodicSampler",
+    "pin_threads",
+    "runtime_cpu",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,10 @@ CORE_TOPICS = (
 #: Priority of the decision thread (0: stay SCHED_OTHER). Below the kernel's own
 #: real-time threads (50 and up), above every task.
 RT_PRIORITY = int(os.environ.get("CTXROBOT_RT_PRIORITY", "10"))
+
+#: The CPU all the runtime's threads share: a CPU number, ``last`` (the highest this process
+#: may use) or ``any`` (no pinning). See :func:`runtime_cpu`.
+RUNTIME_CPU = os.environ.get("CTXROBOT_RUNTIME_CPU", "last")
 
 
 class Executor:
@@ -274,6 +287,47 @@ def become_realtime(priority: int) -> None:
             "cannot use real-time priority (needs root or CAP_SYS_NICE); actuation latency "
             "will suffer when the CPU is busy"
         )
+
+
+def runtime_cpu(setting: str = RUNTIME_CPU) -> int | None:
+    """The CPU the runtime's threads are to share (None: no pinning).
+
+    Why one CPU: every input hops between threads (a sensor or channel thread enqueues, the
+    decision thread decides, the observer thread records), and on another CPU each hop
+    wakes a sleeping core with cold caches. On one CPU the hand-offs stay in its caches and
+    need no inter-processor interrupt (default robot, six interleaved pairs of 60 s runs on
+    the 2-vCPU dev VM, medians: runtime CPU 2.26 % of a core pinned against 2.53 %
+    unpinned, actuation p50 0.53 against 0.64 ms, p99 1.01 against 1.35 ms). ``last``
+    because a Raspberry Pi routes every interrupt to CPU 0. The task containers are not
+    pinned: they use every CPU.
+    """
+    allowed = os.sched_getaffinity(0)
+    if setting == "any":
+        return None
+    if setting == "last":
+        return max(allowed)
+    try:
+        cpu = int(setting)
+    except ValueError:
+        raise UserError(
+            f"CTXROBOT_RUNTIME_CPU={setting!r} is not a CPU: give a CPU number, `last` "
+            "(the default) or `any` (no pinning)"
+        ) from None
+    if cpu not in allowed:
+        raise UserError(
+            f"CTXROBOT_RUNTIME_CPU={cpu}: this process may only use CPUs "
+            f"{', '.join(map(str, sorted(allowed)))}; pick one of them, or `any`"
+        )
+    return cpu
+
+
+def pin_threads(cpus: set[int]) -> None:
+    """Put every thread of this process on ``cpus``; threads started later inherit it
+    from the thread that starts them. (Linux schedules threads: ``sched_setaffinity`` of the
+    process id alone would move only the main thread.)"""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(tid), cpus)
 
 
 class PeriodicSampler:

@@ -38,7 +38,13 @@ from ctxrobot.service.core import build_core
 from ctxrobot.service.engine import ENGINE_ERRORS, EngineWatch, remove_run
 from ctxrobot.service.freezes import FreezeWatch
 from ctxrobot.service.host import read_host
-from ctxrobot.service.loop import DecisionLoop, Executor, PeriodicSampler
+from ctxrobot.service.loop import (
+    DecisionLoop,
+    Executor,
+    PeriodicSampler,
+    pin_threads,
+    runtime_cpu,
+)
 from ctxrobot.streams.channel import TaskChannel
 from ctxrobot.streams.replay import ScenarioPlayer, build_sources
 from ctxrobot.streams.source import Fired, LiveSource
@@ -140,6 +146,9 @@ class Runtime:
         self._failures: dict[str, str] = {}
         self.freezes: FreezeWatch | None = None  # tasks frozen by someone else
         self.task_summaries: dict[str, dict[str, object]] = {}
+        self._runtime_cpu: int | None = None
+        # Given back to every thread at the end: the process may run other things after.
+        self._cpus_before = os.sched_getaffinity(0)
 
     # -- bring-up ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -175,6 +184,7 @@ class Runtime:
                 "at another recording"
             ) from err
         self.live_sources = sources.live
+        self._runtime_cpu = runtime_cpu()
         # The run's clock origin: everything in run.db is relative to it. Playback starts
         # later, once every task has connected (`t_play`).
         self.t0 = time.monotonic()
@@ -211,6 +221,8 @@ class Runtime:
         # switch interval (5 ms by default); the decision thread's real-time priority only
         # helps once it holds the GIL.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        if self._runtime_cpu is not None:
+            pin_threads({self._runtime_cpu})
         self._start_decisions(self.actuator)
         self._start_metrics()
         self._start_sampler()
@@ -563,6 +575,8 @@ class Runtime:
                 # removes them; the runtime does not wait for it.
                 guard.release(self._guard, wait=cleaned)
             self.bus.close()
+            if self._runtime_cpu is not None:
+                pin_threads(self._cpus_before)
         return summary
 
 
