@@ -33,11 +33,12 @@ from ctxtask.datasets.laser import (
 )
 from ctxtask.protocol import Sample
 from slam.evaluate import evaluate
-from slam.mapper import Slam
+from slam.mapper import Slam, SlamConfig
 from slam.matching import LikelihoodField, PointLineMap, correlative_search, icp
+from slam.places import PlaceIndex, trail
 from slam.posegraph import PoseGraph
 from slam.scan import scan_to_points
-from slam.se2 import between, compose
+from slam.se2 import between, compose, transform_points, wrap
 from slam.task import SlamTask
 from tests.conftest import REPO, require_data
 
@@ -428,6 +429,49 @@ def test_a_closure_the_graph_disagrees_with_is_rejected() -> None:
     index, residuals = slam.graph.robust_residuals()
     chi2 = np.einsum("ei,eij,ej->e", residuals, slam.graph.information(index), residuals)
     assert np.all(chi2 <= slam.config.loop_reject_chi2)
+
+
+def test_place_recognition_finds_the_start_of_fr_clinic_driven_the_other_way() -> None:
+    """fr-clinic ends where it started, driving the other way, 1.4 km and 13-40 m of drift
+    later: the trail descriptor must name the old visit and the heading between the visits.
+
+    Keyframes every 0.3 m of odometry path (the odometry is accurate over a 20 m trail); the
+    query is scan 6748, whose relation partner in the ground truth is scan 160, turned by
+    about 174°. Every older keyframe up to scan 2700 (both visits of the start) competes.
+    """
+    ds = load_laser_dataset(require_data("slam/fr-clinic"))
+    g = ds.geometry
+    config = SlamConfig()
+    odom = ds.odom_at_scans
+    path = np.r_[0.0, np.cumsum(np.hypot(*np.diff(odom[:, :2], axis=0).T))]
+    scans = [0]
+    for k in range(1, len(odom)):
+        if path[k] - path[scans[-1]] > config.keyframe_distance_m:
+            scans.append(k)
+    keyframes = np.asarray(scans)
+    query = int(np.argmin(np.abs(keyframes - 6748)))
+    wanted = np.flatnonzero((keyframes <= 2700) | (np.arange(len(keyframes)) == query))
+    index = PlaceIndex(
+        config.place_rings, config.place_sectors, config.place_radius_m, config.place_candidates
+    )
+    points: dict[int, np.ndarray] = {}
+    for i in wanted:
+        cloud = []
+        for t in trail(path[keyframes], i, config.place_trail_m):
+            s = int(keyframes[t])
+            if s not in points:
+                points[s] = scan_to_points(
+                    ds.ranges[s], float(ds.angle_min[s]), g.angle_increment, config.max_range_m
+                ).points
+            cloud.append(transform_points(between(odom[keyframes[i]], odom[s]), points[s]))
+        index.add(np.concatenate(cloud))
+    found = index.best(len(wanted) - 1, np.arange(len(wanted) - 1))
+    assert found is not None
+    print(f"\nscan 6748 -> scan {keyframes[wanted[found.keyframe]]}: {found}")
+    assert abs(int(keyframes[wanted[found.keyframe]]) - 160) <= 30
+    assert found.distance <= config.place_max_distance
+    # The ground truth turns scan 160 into scan 6748 by about 174°.
+    assert abs(math.degrees(float(wrap(found.heading_rad - math.radians(174.0))))) < 15.0
 
 
 # ------------------------------------------------------------------------------ other scanners

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from slam.matching import LikelihoodField, MatchResult, PointLineMap, correlative_search, icp
+from slam.places import PlaceIndex, trail
 from slam.posegraph import PoseGraph
 from slam.scan import ScanPoints
 from slam.se2 import between, compose, rotate_vectors, transform_points, wrap
@@ -99,7 +100,11 @@ class LoopCloser:
         self.rejected = 0
         self._recent: list[LoopMatch] = []
         self._path_at_last_attempt = -math.inf
+        self._last_place = -(10**9)  # keyframe of the last place search
         self._spacing = config.loop_attempt_every_m  # path between attempts, from the window
+        self.places = PlaceIndex(
+            config.place_rings, config.place_sectors, config.place_radius_m, config.place_candidates
+        )
 
     # ----------------------------------------------------------------------------- windows
     def relative_covariance(self, j: int, k: int) -> np.ndarray:
@@ -152,36 +157,105 @@ class LoopCloser:
 
     # ----------------------------------------------------------------------------- matching
     def try_close(self, k: int) -> bool:
-        """Match keyframe ``k`` against the path-distant keyframes around it; True when a
-        closure was added to the graph (the caller then re-optimises)."""
+        """Match keyframe ``k`` against the path-distant keyframes around it, then against
+        the place its surroundings look like; True when a closure was added to the graph (the
+        caller then re-optimises)."""
         cfg = self.config
+        self._describe(k)
         last_eligible = k - cfg.local_map_keyframes
         path_now = self.keyframe_path[k]
         if last_eligible <= 0 or path_now - self._path_at_last_attempt < self._spacing:
             return False
         poses = self.graph.poses
         paths = np.asarray(self.keyframe_path[:last_eligible])
-        d = np.hypot(*(poses[:last_eligible, :2] - poses[k, :2]).T)
         distant = path_now - paths > cfg.loop_min_path_m
+        searched = np.zeros(0, dtype=int)
+        d = np.hypot(*(poses[:last_eligible, :2] - poses[k, :2]).T)
         reach = distant & (d < cfg.loop_search_radius_m + cfg.loop_linear_window_max_m)
-        if not reach.any():
+        if reach.any():
+            nearest = int(np.flatnonzero(reach)[np.argmin(d[reach])])
+            lin_win, ang_win = self.windows(nearest, k)
+            self._spacing = self._attempt_spacing(lin_win)
+            self._path_at_last_attempt = path_now
+            if d[nearest] <= cfg.loop_search_radius_m + lin_win:
+                searched = np.flatnonzero(distant & (d < cfg.loop_target_radius_m + lin_win))
+                if self._verify(k, poses[k], searched, lin_win, ang_win, cfg.loop_min_fitness):
+                    return True
+        return self._try_place(k, distant, searched)
+
+    def _try_place(self, k: int, distant: np.ndarray, searched: np.ndarray) -> bool:
+        """Match keyframe ``k`` where its surroundings look like an older keyframe's, wherever
+        the graph puts that place: after a long stretch without closures the drift can exceed
+        any window around the estimate (fr-clinic returns to its start 13-40 m off)."""
+        cfg = self.config
+        paths = np.asarray(self.keyframe_path[: len(distant)])
+        # Trails that share no keyframe with the query's, outside the search just made.
+        eligible = self.keyframe_path[k] - paths > cfg.loop_min_path_m + cfg.place_trail_m
+        eligible[searched] = False
+        # One query apart: two consecutive place matches share no scan and can confirm each
+        # other in the pair test.
+        if k - self._last_place < cfg.loop_query_keyframes:
             return False
-        nearest = int(np.flatnonzero(reach)[np.argmin(d[reach])])
-        lin_win, ang_win = self.windows(nearest, k)
-        self._spacing = self._attempt_spacing(lin_win)
-        self._path_at_last_attempt = path_now
-        if d[nearest] > cfg.loop_search_radius_m + lin_win:
+        found = self.places.best(k, np.flatnonzero(eligible))
+        if found is None or found.distance > cfg.place_max_distance:
+            return False
+        poses = self.graph.poses
+        j = found.keyframe
+        guess = np.array([poses[j, 0], poses[j, 1], wrap(poses[j, 2] + found.heading_rad)])
+        ang_win = 2.0 * math.pi / cfg.place_sectors
+        # The graph must allow the move: a place that looks alike (a repeated room, a
+        # parallel corridor) where the graph is sure of k relative to j is not this place.
+        # Its uncertainty is not capped here, unlike the windowed search's.
+        move = guess - poses[k]
+        move[2] = wrap(move[2])
+        cov = self.relative_covariance(j, k)
+        cov += np.diag([cfg.place_window_m**2, cfg.place_window_m**2, ang_win**2])
+        if float(move @ np.linalg.solve(cov, move)) > cfg.loop_consistency_chi2:
+            return False
+        self._last_place = k
+        d = np.hypot(*(poses[: len(distant), :2] - guess[:2]).T)
+        near = np.flatnonzero(distant & (d < cfg.loop_target_radius_m + cfg.place_window_m))
+        return self._verify(k, guess, near, cfg.place_window_m, ang_win, cfg.place_min_fitness)
+
+    def _describe(self, k: int) -> None:
+        """Add the place descriptor of every keyframe up to ``k``: the points of its trail (the
+        keyframes of the last ``place_trail_m`` of path) in its frame."""
+        poses = self.graph.poses
+        paths = np.asarray(self.keyframe_path)
+        while len(self.places) <= k:
+            i = len(self.places)
+            self.places.add(
+                np.concatenate(
+                    [
+                        transform_points(between(poses[i], poses[t]), self.keyframes[t].points)
+                        for t in trail(paths, i, self.config.place_trail_m)
+                    ]
+                )
+            )
+
+    def _verify(
+        self,
+        k: int,
+        guess: np.ndarray,
+        near: np.ndarray,
+        lin_win: float,
+        ang_win: float,
+        min_fitness: float,
+    ) -> bool:
+        """Search for the query of ``k`` around ``guess`` in the keyframes ``near``, check the
+        match (ICP fitness at least ``min_fitness``), and keep it once another agrees with it."""
+        cfg = self.config
+        poses = self.graph.poses
+        if len(near) == 0:
             return False
         self.attempts += 1
-        # The target: every path-distant keyframe that may have seen what the query sees.
-        near = np.flatnonzero(distant & (d < cfg.loop_target_radius_m + lin_win))
         if len(near) > cfg.loop_target_keyframes:
             pick = np.linspace(0, len(near) - 1, cfg.loop_target_keyframes).round()
             near = near[pick.astype(int)]
         query = self._query(k)
         if len(query) < cfg.loop_min_inliers:
             return False
-        target = self._target(near, transform_points(poses[k], query), lin_win)
+        target = self._target(near, transform_points(guess, query), lin_win)
         if target is None:
             return False
         res = cfg.loop_field_resolution_m
@@ -189,7 +263,7 @@ class LoopCloser:
         found = correlative_search(
             field,
             thin_points(query, cfg.loop_search_max_points),
-            poses[k],
+            guess,
             lin_win,
             ang_win,
             math.radians(1.0),
@@ -198,13 +272,14 @@ class LoopCloser:
         if found.crowded:
             return False  # too much of the window fits: the place repeats
         result = icp(target, query, found.pose)
-        if result.fitness < cfg.loop_min_fitness or result.inliers < cfg.loop_min_inliers:
+        if result.fitness < min_fitness or result.inliers < cfg.loop_min_inliers:
             return False
         cov = self._match_covariance(found.spread, result)
         if cov is None:
             return False
         j = int(near[np.argmin(np.hypot(*(poses[near, :2] - result.pose[:2]).T))])
         rot = _rotation_block(-float(poses[j, 2]))
+        path_now = self.keyframe_path[k]
         match = LoopMatch(j, k, between(poses[j], result.pose), rot @ cov @ rot.T, path_now)
         return self._accept_if_consistent(match)
 

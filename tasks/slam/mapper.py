@@ -117,6 +117,20 @@ class SlamConfig:
     # Once the optimisation has converged, a closure whose residual has a chi-square above
     # this under its own covariance is removed (counted in rejected_closures).
     loop_reject_chi2: float = 100.0
+    # Place recognition (slam/places.py): each keyframe's trail (this much path) on a polar
+    # grid of rings × sectors out to the radius; a keyframe whose descriptor is within
+    # place_max_distance of the query's (of the place_candidates nearest by ring occupancy)
+    # is searched for within place_window_m of its position, whatever the graph's estimate.
+    place_trail_m: float = 20.0
+    place_rings: int = 20
+    place_sectors: int = 60
+    place_radius_m: float = 40.0
+    place_candidates: int = 25
+    place_max_distance: float = 0.45
+    place_window_m: float = 3.0
+    # ICP fitness a place match needs: a revisit driven the other way shares only part of
+    # what each visit saw (a 180° scanner looks ahead).
+    place_min_fitness: float = 0.50
     search_max_points: int = 120
     loop_query_keyframes: int = 5  # keyframes matched together at a loop closure
     loop_search_max_points: int = 250
