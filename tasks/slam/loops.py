@@ -13,6 +13,12 @@ way). A match enters the graph once a second match, whose query shares no scan w
 agrees with it within their covariances (chi-square test on the cycle they close); after the
 optimisation converges, a closure whose residual is improbable under its own covariance is
 removed (worst first), and loop edges carry dynamic covariance scaling (Agarwal et al. 2013).
+
+When that search finds nothing, place recognition (``slam.places``) proposes the older
+keyframe whose surroundings look most alike, wherever the graph puts it: after a long stretch
+without closures the drift can exceed any window. The proposal is searched for only if the
+graph's own (uncapped) uncertainty between the two keyframes allows the move, and its match
+goes through the same checks.
 """
 
 from __future__ import annotations
