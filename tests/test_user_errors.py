@@ -209,6 +209,17 @@ def test_data_folder_missing(tmp_path: Path, out: Path) -> None:
     assert_one_line(proc, "run", "data folder", "CTXROBOT_DATA", "ctxrobot data fetch")
 
 
+def test_a_bad_runtime_cpu_setting_names_the_choices_before_anything_starts(
+    tmp_path: Path, out: Path
+) -> None:
+    robot = manifest(tmp_path)
+    proc = ctxrobot_cli(
+        "run", "--config", str(robot), "--out", str(out), env={"CTXROBOT_RUNTIME_CPU": "first"}
+    )
+    assert_one_line(proc, "run", "CTXROBOT_RUNTIME_CPU='first' is not a CPU", "`last`", "`any`")
+    assert not out.exists(), "nothing is made for a run that cannot start"
+
+
 def test_a_relative_out_folder_is_made_absolute(tmp_path: Path) -> None:
     """The README's first command writes its run under ./runs; the run folder is a bind
     source, which Docker accepts only as an absolute path."""

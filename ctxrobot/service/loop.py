@@ -301,9 +301,9 @@ def runtime_cpu(setting: str = RUNTIME_CPU) -> int | None:
     because a Raspberry Pi routes every interrupt to CPU 0. The task containers are not
     pinned: they use every CPU.
     """
-    allowed = os.sched_getaffinity(0)
     if setting == "any":
         return None
+    allowed = os.sched_getaffinity(0)
     if setting == "last":
         return max(allowed)
     try:

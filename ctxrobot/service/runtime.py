@@ -160,6 +160,7 @@ class Runtime:
             raise
 
     def _start(self) -> None:
+        self._runtime_cpu = runtime_cpu()  # a bad setting fails before anything is made
         for warning in self.manifest.warnings:
             log.warning("%s", warning)
         data = self.manifest.data_dir
@@ -184,7 +185,6 @@ class Runtime:
                 "at another recording"
             ) from err
         self.live_sources = sources.live
-        self._runtime_cpu = runtime_cpu()
         # The run's clock origin: everything in run.db is relative to it. Playback starts
         # later, once every task has connected (`t_play`).
         self.t0 = time.monotonic()
