@@ -187,14 +187,15 @@ class LoopCloser:
                 searched = np.flatnonzero(distant & (d < cfg.loop_target_radius_m + lin_win))
                 if self._verify(k, poses[k], searched, lin_win, ang_win, cfg.loop_min_fitness):
                     return True
-        return self._try_place(k, distant, searched)
+        return self._try_place(k, paths, distant, searched)
 
-    def _try_place(self, k: int, distant: np.ndarray, searched: np.ndarray) -> bool:
+    def _try_place(
+        self, k: int, paths: np.ndarray, distant: np.ndarray, searched: np.ndarray
+    ) -> bool:
         """Match keyframe ``k`` where its surroundings look like an older keyframe's, wherever
         the graph puts that place: after a long stretch without closures the drift can exceed
         any window around the estimate (fr-clinic returns to its start 13-40 m off)."""
         cfg = self.config
-        paths = np.asarray(self.keyframe_path[: len(distant)])
         # Trails that share no keyframe with the query's, outside the search just made.
         eligible = self.keyframe_path[k] - paths > cfg.loop_min_path_m + cfg.place_trail_m
         eligible[searched] = False
