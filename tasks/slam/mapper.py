@@ -1,7 +1,9 @@
 """Graph SLAM: scan-to-local-map ICP front end, keyframe pose graph with loop closures.
 
 Every scan is matched against a local map made of the last few keyframes, starting from the
-odometry prediction. Keyframes become pose-graph nodes joined by the matched relative poses.
+odometry prediction and held by it as a prior whose σ comes from this robot's odometry noise,
+learned online (:mod:`slam.odometry`). Keyframes become pose-graph nodes joined by the
+matched relative poses.
 When a new keyframe comes near an older, path-distant part of the graph, it and the few
 keyframes before it are matched against a submap around that place (:mod:`slam.loops`:
 branch-and-bound correlative search in a window of a few σ of their relative pose, then ICP).
@@ -26,6 +28,7 @@ import numpy as np
 
 from slam.loops import LoopCloser, submap, thin_points
 from slam.matching import LikelihoodField, PointLineMap, correlative_search, icp
+from slam.odometry import OdometryNoise
 from slam.posegraph import PoseGraph
 from slam.scan import ScanPoints, scan_to_points
 from slam.se2 import between, compose
@@ -45,11 +48,30 @@ class SlamConfig:
     # the scan is not matched (its pose is the prediction): saves CPU while parked.
     still_distance_m: float = 0.01
     still_angle_rad: float = math.radians(0.5)
-    # Odometry prior for tracking: σ = base + factor × motion.
+    # Odometry prior for tracking, until the odometry's noise has been learned
+    # (slam.odometry): σ = base + factor × motion.
     odom_sigma_xy_base_m: float = 0.02
     odom_sigma_xy_factor: float = 0.2
     odom_sigma_th_base_rad: float = math.radians(1.0)
     odom_sigma_th_factor: float = 0.2
+    # The learned prior (slam.odometry): σ is this margin times the learned noise, because
+    # the noise is learned from medians and odometry errors have heavy tails (slip, bumps);
+    # 2 by cross-validation (docs/slam.md, round 6). Stretches of this much motion (m driven
+    # + rad turned), the last odom_noise_window of them, at least odom_noise_min_samples
+    # before they replace the start value above; the standing motion term; floors; what
+    # makes a stretch's match good enough to learn from.
+    odom_noise_scale: float = 2.0
+    odom_noise_stretch_units: float = 1.0
+    odom_noise_window: int = 100
+    odom_noise_min_samples: int = 10
+    odom_noise_standing_m: float = 0.05
+    odom_sigma_xy_min_m: float = 0.003
+    odom_sigma_th_min_rad: float = math.radians(0.02)
+    odom_noise_min_fitness: float = 0.5
+    odom_noise_min_inliers: int = 60
+    odom_noise_min_constraint: float = 10.0
+    odom_noise_straight_ratio: float = 0.1
+    odom_noise_turn_rad: float = 0.3
     # σ of one scan point against the map in tracking: weighs the scan against the odometry
     # prior. Neighbouring returns err together (one wall, one bush), so it is larger than the
     # range noise.
@@ -161,6 +183,7 @@ class Slam:
         self.keyframes: list[ScanPoints] = []  # scan of each pose-graph node
         self._kf_path: list[float] = []  # path length at each keyframe
         self.loops = LoopCloser(self.config, self.graph, self.keyframes, self._kf_path)
+        self.odometry_noise = OdometryNoise(self.config)
         self.still_scans = 0
         self._scan_ref: list[int] = []  # keyframe index each scan's pose is relative to
         self._scan_rel: list[np.ndarray] = []
@@ -256,6 +279,7 @@ class Slam:
             self.still_scans += 1
         else:
             pose = self._track(scan(), prediction, step)
+            self.odometry_noise.observe(odom, between(self._matched_odom, odom), scan())
             self._matched_odom = odom
 
         ref = len(self.keyframes) - 1
@@ -298,10 +322,7 @@ class Slam:
         local = self._local_map()
         if len(local) == 0 or len(scan.points) == 0:
             return prediction  # nothing to match (e.g. every beam saw "no return")
-        dist = float(np.hypot(step[0], step[1]))
-        s_xy = cfg.odom_sigma_xy_base_m + cfg.odom_sigma_xy_factor * dist
-        s_th = cfg.odom_sigma_th_base_rad + cfg.odom_sigma_th_factor * abs(float(step[2]))
-        prior_info = _diag_info(s_xy, s_th)
+        prior_info = _diag_info(*self.odometry_noise.sigmas(step))
         result = icp(
             local,
             scan.points,

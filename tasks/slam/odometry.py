@@ -1,0 +1,128 @@
+"""How noisy this robot's odometry is, learned online from its disagreement with scan matches.
+
+The odometry prior in tracking needs the odometry's noise, and that differs by orders of
+magnitude between robots (fr-clinic's heading drifts by 0.07° over 3–30 s where intel's
+drifts 60 times as much), so no fixed σ serves both. The odometry's error grows with motion
+and a scan match's does not: so every stretch of about one unit of motion (one metre driven
+or one radian turned), the scan at its end is matched against the scan at its start, without
+any prior, starting from the odometry's relative pose. Where that match is well constrained
+(high fitness, many inliers, translation fixed in both axes) its difference from the
+odometry is the odometry's error over the stretch, plus one match's noise, which over a
+stretch of many scans is the smaller part (a single step's disagreement with the map would be
+mostly matching noise where the odometry is good). The error is taken to grow as a random
+walk, variance ∝ motion:
+
+    σ_θ² = q_θ (|Δθ| + d + u₀),   σ_xy² = q_xy (d + u₀)
+
+per step, with q the robust (median) variance per unit of the last stretches, u₀ a small
+standing term, times ``scale²`` (a margin), above floors. Until enough stretches are in, the
+fixed start values of :class:`~slam.mapper.SlamConfig` hold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from slam.matching import PointLineMap, icp
+from slam.scan import ScanPoints
+from slam.se2 import between, wrap
+
+if TYPE_CHECKING:
+    from slam.mapper import SlamConfig
+
+# Medians of χ² with one and two degrees of freedom: median e²/σ² of a heading error and of a
+# 2D position error.
+_MEDIAN_CHI2_1 = 0.4549
+_MEDIAN_CHI2_2 = 1.3863
+
+
+class OdometryNoise:
+    """Robust running estimate of the odometry's noise per unit of motion; gives the
+    tracking prior."""
+
+    def __init__(self, config: SlamConfig) -> None:
+        self.config = config
+        self._heading_var: deque[float] = deque(maxlen=config.odom_noise_window)
+        self._turn_var: deque[float] = deque(maxlen=config.odom_noise_window)
+        self._xy_var: deque[float] = deque(maxlen=config.odom_noise_window)
+        self._start_odom: np.ndarray | None = None
+        self._start_map: PointLineMap | None = None
+        self._units = 0.0  # motion since the start of the stretch, m driven + rad turned
+        self._dist = 0.0
+        self._turn = 0.0
+
+    @property
+    def samples(self) -> int:
+        return len(self._heading_var)
+
+    def sigmas(self, step: np.ndarray) -> tuple[float, float]:
+        """(σ_xy in m, σ_θ in rad) of the odometry prior for one odometry ``step``."""
+        cfg = self.config
+        dist = float(math.hypot(step[0], step[1]))
+        if self.samples < cfg.odom_noise_min_samples:
+            return (
+                cfg.odom_sigma_xy_base_m + cfg.odom_sigma_xy_factor * dist,
+                cfg.odom_sigma_th_base_rad + cfg.odom_sigma_th_factor * abs(float(step[2])),
+            )
+        q_th = float(np.median(self._heading_var)) / _MEDIAN_CHI2_1
+        q_xy = float(np.median(self._xy_var)) / _MEDIAN_CHI2_2
+        turn = abs(float(step[2]))
+        if len(self._turn_var) >= cfg.odom_noise_min_samples:
+            turn_var = float(np.median(self._turn_var)) / _MEDIAN_CHI2_1 * turn
+        else:
+            turn_var = (cfg.odom_sigma_th_factor * turn) ** 2
+        u0 = cfg.odom_noise_standing_m
+        scale = cfg.odom_noise_scale
+        return (
+            max(cfg.odom_sigma_xy_min_m, scale * math.sqrt(q_xy * (dist + u0))),
+            max(
+                cfg.odom_sigma_th_min_rad,
+                scale * math.sqrt(q_th * (dist + u0) + turn_var),
+            ),
+        )
+
+    def observe(self, odom: np.ndarray, step: np.ndarray, scan: ScanPoints) -> None:
+        """Add one matched scan (odometry pose ``odom``, ``step`` since the last scan); at the
+        end of a stretch, measure the odometry's error over it."""
+        cfg = self.config
+        dist = float(math.hypot(step[0], step[1]))
+        self._dist += dist
+        self._turn += float(step[2])
+        self._units += dist + abs(float(step[2]))
+        if self._start_map is not None and self._units < cfg.odom_noise_stretch_units:
+            return
+        if self._start_map is not None and self._start_odom is not None:
+            self._measure(between(self._start_odom, odom), scan)
+        self._start_odom = np.array(odom, dtype=np.float64)
+        self._start_map = PointLineMap(scan.points, scan.normals)
+        self._units = self._dist = self._turn = 0.0
+
+    def _measure(self, odom_rel: np.ndarray, scan: ScanPoints) -> None:
+        cfg = self.config
+        assert self._start_map is not None
+        match = icp(self._start_map, scan.points, odom_rel)
+        if match.fitness < cfg.odom_noise_min_fitness or match.inliers < cfg.odom_noise_min_inliers:
+            return
+        try:
+            match_cov = np.linalg.inv(match.hessian)
+        except np.linalg.LinAlgError:
+            return
+        # A corridor or an open place leaves a direction unfixed: no measurement. (Unit point
+        # σ: the largest axis of the translation covariance, in points' worth of constraint.)
+        if np.linalg.eigvalsh(match_cov[:2, :2])[-1] > 1.0 / cfg.odom_noise_min_constraint:
+            return
+        error = match.pose - odom_rel
+        heading_sq = float(wrap(error[2])) ** 2
+        turn = abs(self._turn)
+        if turn < cfg.odom_noise_straight_ratio * self._dist:
+            self._heading_var.append(heading_sq / max(self._dist, 1e-3))
+        elif turn > cfg.odom_noise_turn_rad and len(self._heading_var):
+            # A turn's share of the error: what driving alone would leave, taken off.
+            q_drive = float(np.median(self._heading_var))
+            self._turn_var.append(max(0.0, heading_sq - q_drive * self._dist) / turn)
+        if self._dist > 0:
+            self._xy_var.append(float(error[0] ** 2 + error[1] ** 2) / self._dist)
