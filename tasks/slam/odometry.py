@@ -10,13 +10,16 @@ any prior, starting from the odometry's relative pose. Where that match is well 
 odometry is the odometry's error over the stretch, plus one match's noise, which over a
 stretch of many scans is the smaller part (a single step's disagreement with the map would be
 mostly matching noise where the odometry is good). The error is taken to grow as a random
-walk, variance ∝ motion:
+walk, variance ∝ motion, with a share for driving and one for turning (wheel odometry errs
+in turns far more than a straight stretch says, MIT Killian most):
 
-    σ_θ² = q_θ (|Δθ| + d + u₀),   σ_xy² = q_xy (d + u₀)
+    σ_θ² = q_d (d + u₀) + q_t |Δθ|,   σ_xy² = q_xy (d + u₀)
 
-per step, with q the robust (median) variance per unit of the last stretches, u₀ a small
-standing term, times ``scale²`` (a margin), above floors. Until enough stretches are in, the
-fixed start values of :class:`~slam.mapper.SlamConfig` hold.
+per step of d metres and Δθ radians, with q_d from straight stretches, q_t from turning ones
+(the driving share taken off), q_xy from all, each the robust (median) variance per unit of
+the last stretches; u₀ is a small standing term. Both σ are then multiplied by a margin
+(``odom_noise_scale``), above floors. Until enough stretches are in, the fixed start values
+of :class:`~slam.mapper.SlamConfig` hold (for the turn term: until enough turning ones are).
 """
 
 from __future__ import annotations
@@ -51,12 +54,14 @@ class OdometryNoise:
         self._xy_var: deque[float] = deque(maxlen=config.odom_noise_window)
         self._start_odom: np.ndarray | None = None
         self._start_map: PointLineMap | None = None
-        self._units = 0.0  # motion since the start of the stretch, m driven + rad turned
+        # Motion since the start of the stretch: m driven + rad turned, m driven, net rad turned.
+        self._units = 0.0
         self._dist = 0.0
         self._turn = 0.0
 
     @property
     def samples(self) -> int:
+        """Straight stretches measured so far: the driving term's samples."""
         return len(self._heading_var)
 
     def sigmas(self, step: np.ndarray) -> tuple[float, float]:
