@@ -55,11 +55,12 @@ class SlamConfig:
     odom_sigma_th_base_rad: float = math.radians(1.0)
     odom_sigma_th_factor: float = 0.2
     # The learned prior (slam.odometry): σ is this margin times the learned noise, because
-    # the noise is learned from medians and odometry errors have heavy tails (slip, bumps);
-    # 2 by cross-validation (docs/slam.md, round 6). Stretches of this much motion (m driven
-    # + rad turned), the last odom_noise_window of them, at least odom_noise_min_samples
-    # before they replace the start value above; the standing motion term; floors; what
-    # makes a stretch's match good enough to learn from.
+    # the noise is learned from medians and odometry errors have heavy tails (slip, bumps).
+    # 2 is what half {intel, mit-killian} picks; 1, the other half's pick, fails MIT Killian
+    # (docs/slam.md, round 6). Stretches of this much motion (m driven + rad turned), the
+    # last odom_noise_window of them, at least odom_noise_min_samples before they replace
+    # the start value above; the standing motion term; floors; what makes a stretch's match
+    # good enough to learn from.
     odom_noise_scale: float = 2.0
     odom_noise_stretch_units: float = 1.0
     odom_noise_window: int = 100
