@@ -52,8 +52,10 @@ class OdometryNoise:
         self._heading_var: deque[float] = deque(maxlen=config.odom_noise_window)
         self._turn_var: deque[float] = deque(maxlen=config.odom_noise_window)
         self._xy_var: deque[float] = deque(maxlen=config.odom_noise_window)
-        self._start_odom: np.ndarray | None = None
-        self._start_map: PointLineMap | None = None
+        # Their medians, taken when a stretch is measured (about once a metre), not per scan.
+        self._median_heading = self._median_turn = self._median_xy = 0.0
+        # The odometry pose and scan that start the current stretch.
+        self._start: tuple[np.ndarray, PointLineMap] | None = None
         # Motion since the start of the stretch: m driven + rad turned, m driven, net rad turned.
         self._units = 0.0
         self._dist = 0.0
@@ -73,11 +75,11 @@ class OdometryNoise:
                 cfg.odom_sigma_xy_base_m + cfg.odom_sigma_xy_factor * dist,
                 cfg.odom_sigma_th_base_rad + cfg.odom_sigma_th_factor * abs(float(step[2])),
             )
-        q_th = float(np.median(self._heading_var)) / _MEDIAN_CHI2_1
-        q_xy = float(np.median(self._xy_var)) / _MEDIAN_CHI2_2
+        q_th = self._median_heading / _MEDIAN_CHI2_1
+        q_xy = self._median_xy / _MEDIAN_CHI2_2
         turn = abs(float(step[2]))
         if len(self._turn_var) >= cfg.odom_noise_min_samples:
-            turn_var = float(np.median(self._turn_var)) / _MEDIAN_CHI2_1 * turn
+            turn_var = self._median_turn / _MEDIAN_CHI2_1 * turn
         else:
             turn_var = (cfg.odom_sigma_th_factor * turn) ** 2
         u0 = cfg.odom_noise_standing_m
@@ -98,18 +100,17 @@ class OdometryNoise:
         self._dist += dist
         self._turn += float(step[2])
         self._units += dist + abs(float(step[2]))
-        if self._start_map is not None and self._units < cfg.odom_noise_stretch_units:
-            return
-        if self._start_map is not None and self._start_odom is not None:
-            self._measure(between(self._start_odom, odom), scan)
-        self._start_odom = np.array(odom, dtype=np.float64)
-        self._start_map = PointLineMap(scan.points, scan.normals)
+        if self._start is not None:
+            if self._units < cfg.odom_noise_stretch_units:
+                return
+            start_odom, start_map = self._start
+            self._measure(start_map, between(start_odom, odom), scan)
+        self._start = (np.array(odom, dtype=np.float64), PointLineMap(scan.points, scan.normals))
         self._units = self._dist = self._turn = 0.0
 
-    def _measure(self, odom_rel: np.ndarray, scan: ScanPoints) -> None:
+    def _measure(self, start_map: PointLineMap, odom_rel: np.ndarray, scan: ScanPoints) -> None:
         cfg = self.config
-        assert self._start_map is not None
-        match = icp(self._start_map, scan.points, odom_rel)
+        match = icp(start_map, scan.points, odom_rel)
         if match.fitness < cfg.odom_noise_min_fitness or match.inliers < cfg.odom_noise_min_inliers:
             return
         try:
@@ -125,9 +126,12 @@ class OdometryNoise:
         turn = abs(self._turn)
         if turn < cfg.odom_noise_straight_ratio * self._dist:
             self._heading_var.append(heading_sq / max(self._dist, 1e-3))
+            self._median_heading = float(np.median(self._heading_var))
         elif turn > cfg.odom_noise_turn_rad and len(self._heading_var):
             # A turn's share of the error: what driving alone would leave, taken off.
-            q_drive = float(np.median(self._heading_var))
-            self._turn_var.append(max(0.0, heading_sq - q_drive * self._dist) / turn)
+            share = heading_sq - self._median_heading * self._dist
+            self._turn_var.append(max(0.0, share) / turn)
+            self._median_turn = float(np.median(self._turn_var))
         if self._dist > 0:
             self._xy_var.append(float(error[0] ** 2 + error[1] ** 2) / self._dist)
+            self._median_xy = float(np.median(self._xy_var))
