@@ -226,13 +226,14 @@ class LoopCloser:
         # a later place search gives the pair test its second match is a draw (fr-clinic's
         # return closed at an odometry margin of 2, not at 1.8 or 2.2). The keyframes just
         # before the query (no scan shared) are searched where this match puts them instead.
-        pending = self._recent[-1] if self._recent and self._recent[-1].k == k else None
-        before = k - cfg.loop_query_keyframes
-        if pending is None or pending.added or before < 0:
+        # (A match that was checked and found no partner is the last of the recent ones.)
+        if not self._recent or self._recent[-1].k != k:
             return False
-        found_k = compose(poses[pending.j], pending.z)
+        lone = self._recent[-1]
+        before = k - cfg.loop_query_keyframes  # >= 0: try_close needs k > local_map_keyframes
+        matched_k = compose(poses[lone.j], lone.z)
         return self._verify_place(
-            before, compose(found_k, between(poses[k], poses[before])), distant, ang_win
+            before, compose(matched_k, between(poses[k], poses[before])), distant, ang_win
         )
 
     def _verify_place(self, k: int, guess: np.ndarray, distant: np.ndarray, ang_win: float) -> bool:
