@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -154,6 +155,30 @@ def test_close_drains_then_nothing_more_runs() -> None:
     assert pipeline.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         pipeline.add(Recorder(ContextChanged))
+    bus.close()
+
+
+class Payload(dict):  # type: ignore[type-arg]
+    """A result a weak reference can watch (a plain dict cannot be weakly referenced)."""
+
+
+def test_an_idle_consumer_keeps_no_event_alive() -> None:
+    # The soak test's memory hung on whichever burst came last: the consumer held its batch
+    # while it waited for the next one.
+    bus = EventBus()
+    pipeline = ObserverPipeline(bus)
+    counted = Recorder(TaskResult)
+    counted._on = lambda event: None  # type: ignore[method-assign]  # sees, keeps nothing
+    pipeline.add(counted, name="counter")
+    payloads = [Payload(sample=i) for i in range(500)]
+    watchers = [weakref.ref(p) for p in payloads]
+    for i, payload in enumerate(payloads):
+        bus.publish("task.result", TaskResult("slam", i, 0.0, 0.0, 0.01, payload))
+    del payloads, payload
+    assert pipeline.drain()
+    assert pipeline.stats().delivered == 500
+    assert [w for w in watchers if w() is not None] == []
+    pipeline.close()
     bus.close()
 
 

@@ -173,15 +173,13 @@ class ObserverPipeline:
     def _run(self) -> None:
         reported_drops, reported_at = 0, 0.0
         while (batch := self._next_batch()) is not None:
-            dispatch = self._dispatch
-            for event in batch:
-                for label, handler in dispatch.get(type(event), ()):
-                    try:
-                        handler(event)
-                    except Exception:
-                        self._failed(label, event)
+            self._deliver(batch)
+            delivered = len(batch)
+            # Let go before waiting for the next batch: an idle consumer holding the last one
+            # kept up to a burst of events (megabytes) alive for as long as the bus was quiet.
+            del batch
             with self._cond:
-                self._delivered += len(batch)
+                self._delivered += delivered
                 dropped = self._dropped
             now = time.monotonic()
             if dropped > reported_drops and now - reported_at >= self.DROP_LOG_INTERVAL_S:
@@ -195,6 +193,15 @@ class ObserverPipeline:
         with self._cond:
             self._busy = False
             self._cond.notify_all()
+
+    def _deliver(self, batch: collections.deque[Any]) -> None:
+        dispatch = self._dispatch
+        for event in batch:
+            for label, handler in dispatch.get(type(event), ()):
+                try:
+                    handler(event)
+                except Exception:
+                    self._failed(label, event)
 
     def _failed(self, label: str, event: Any) -> None:
         with self._cond:
