@@ -10,7 +10,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,16 @@ def evaluate(task: str, dataset: Path, *extra: str, timeout: float = 1800) -> di
 
 
 def evaluate_side_by_side(
-    task: str, datasets: Mapping[str, Path], *extra: str, timeout: float = 1800
+    task: str,
+    datasets: Mapping[str, Path],
+    evaluator_args: Mapping[str, Sequence[str]] | None = None,
+    timeout: float = 1800,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """`evaluate` on several datasets at once, each evaluation pinned to a CPU of its own
     (`ctxrobot eval --cpu`): one worker per usable CPU takes the next dataset, in the order
     given (longest first keeps the CPUs evenly busy). Same figures, a fraction of the wait.
-    Returns the metrics of each dataset evaluated, and the output of each that failed.
+    ``evaluator_args`` gives a dataset's evaluation arguments for the evaluator itself (after
+    ``--``). Returns the metrics of each dataset evaluated, and the output of each that failed.
     """
     require_image(f"ctxrobot/{task}")
     todo: queue.Queue[str] = queue.Queue()
@@ -51,7 +55,8 @@ def evaluate_side_by_side(
                 name = todo.get_nowait()
             except queue.Empty:
                 return
-            args = ("eval", task, str(datasets[name]), "--json", "--cpu", str(cpu), *extra)
+            own = (evaluator_args or {}).get(name, ())
+            args = ("eval", task, str(datasets[name]), "--json", "--cpu", str(cpu), "--", *own)
             proc = ctxrobot(*args, timeout=timeout)
             if proc.returncode != 0:
                 failures[name] = proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -6,7 +6,8 @@ one per CPU (`--cpu`). Each log is held to the same targets: mean Freiburg relat
 ≤ 0.10 m and ≤ 1.5°; where the task does not meet them yet (``NOT_YET``) the run is still
 checked and a missed target is an expected failure. The
 95 % intervals and the real-time factor are printed; the factor is asserted below 1 only as
-"keeps up with its sensor on one core" (a wide margin on a shared 2-core machine).
+"keeps up with its sensor on one core" (a wide margin on a shared 2-core machine). A variant
+run (fr-clinic at another odometry margin) shares the same CPUs.
 """
 
 from __future__ import annotations
@@ -31,22 +32,28 @@ SCANS = {"intel": 13631, "aces": 7374, "fr-clinic": 6917, "mit-killian": 17480}
 NOT_YET = {"fr-clinic"}
 
 
-#: Longest first, so that two CPUs finish together (CPU seconds measured: 123, 73, 46, 18).
-BY_COST = ("mit-killian", "fr-clinic", "intel", "aces")
+#: fr-clinic at an odometry margin next to the default (2): its return to the start is the
+#: closure its figure hangs on, and must not be a draw of the margin (see its test).
+FR_CLINIC_AT_1_8 = "fr-clinic, odom_noise_scale 1.8"
+VARIANTS = {FR_CLINIC_AT_1_8: ("fr-clinic", ("--set", "odom_noise_scale=1.8"))}
+
+#: Longest first, so that two CPUs finish together (CPU seconds measured: 123, 73, 70, 46, 18).
+BY_COST = ("mit-killian", "fr-clinic", FR_CLINIC_AT_1_8, "intel", "aces")
 
 
 @pytest.fixture(scope="module")
 def evaluated(
     request: pytest.FixtureRequest,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Every selected log evaluated at once, each on a CPU of its own."""
-    selected = {
-        item.callspec.params["log"]
-        for item in request.session.items
-        if item.module is request.module and hasattr(item, "callspec")
-    }
-    logs = {log: require_data(f"slam/{log}") for log in BY_COST if log in selected}
-    return evaluate_side_by_side("slam", logs)
+    """Every selected log and variant evaluated at once, each on a CPU of its own."""
+    selected = set()
+    for item in request.session.items:
+        if item.module is request.module:
+            params = getattr(item, "callspec", None)
+            selected.add(params.params["log"] if params else FR_CLINIC_AT_1_8)
+    runs = {name: VARIANTS.get(name, (name, ())) for name in BY_COST if name in selected}
+    datasets = {name: require_data(f"slam/{log}") for name, (log, _) in runs.items()}
+    return evaluate_side_by_side("slam", datasets, {name: a for name, (_, a) in runs.items()})
 
 
 @pytest.mark.parametrize(
@@ -81,3 +88,22 @@ def test_slam_targets_in_container(
         pytest.xfail(f"targets not met yet: {figures}")
     assert m["trans_error_m"] <= TRANS_TARGET_M
     assert m["rot_error_deg"] <= ROT_TARGET_DEG
+
+
+@pytest.mark.slow
+def test_the_return_of_fr_clinic_closes_at_a_neighbouring_odometry_margin_too(
+    evaluated: tuple[dict[str, dict[str, Any]], dict[str, str]],
+) -> None:
+    """fr-clinic's return to its start, driven the other way, closes through place matches
+    near the fitness bar. Whether the pair test got its second match was a draw: at odometry
+    margins of 1.8 and 2.2 it did not, and the whole log was 1.49 and 1.00 m off (0.129 and
+    0.128 m when it closes; the 99 relations joining the last scans to the first ones 26-40 m
+    against 0.80-0.92 m). A lone place match now has the keyframes before its query searched as
+    its partner (slam/loops.py); at 1.8 the return must close.
+    """
+    results, failures = evaluated
+    assert FR_CLINIC_AT_1_8 not in failures, failures[FR_CLINIC_AT_1_8]
+    m = results[FR_CLINIC_AT_1_8]
+    print(f"{FR_CLINIC_AT_1_8}: {m['trans_error_m']:.4f} m, {m['loop_closures']} closures")
+    assert m["scans"] == SCANS["fr-clinic"]
+    assert m["trans_error_m"] < 0.3

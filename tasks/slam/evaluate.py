@@ -10,6 +10,7 @@ with the sensor on one core).
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import time
@@ -26,6 +27,7 @@ from ctxtask.datasets.laser import (
     scan_sample,
 )
 from ctxtask.stats import bootstrap_ci
+from slam.mapper import SlamConfig
 from slam.task import SlamTask
 
 
@@ -105,12 +107,42 @@ def _accuracy(dataset: LaserDataset, stamps: np.ndarray, poses: np.ndarray) -> d
     }
 
 
+def _setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of one `SlamConfig` field, the value a number like the field's default."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. odom_noise_scale=1.8")
+    if key not in SlamConfig.__dataclass_fields__:
+        near = difflib.get_close_matches(key, SlamConfig.__dataclass_fields__, n=3)
+        hint = f"did you mean {' or '.join(near)}?" if near else "see SlamConfig in slam/mapper.py"
+        raise argparse.ArgumentTypeError(f"{text!r}: {key!r} is not a slam setting; {hint}")
+    default = SlamConfig.__dataclass_fields__[key].default
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, bool) or not isinstance(parsed, type(default) | int):
+        kind = "a whole number" if isinstance(default, int) else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r}: {key} takes {kind}, e.g. {key}={default}")
+    return key, parsed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slam.evaluate", description=__doc__)
     parser.add_argument("dataset", type=Path, help="folder with *_laser.txt.gz, *_odom.txt, …")
     parser.add_argument("--json", action="store_true", help="end with one JSON metrics line")
     parser.add_argument("--map-out", type=Path, help="write map.png + map.yaml here")
     parser.add_argument("--max-scans", type=int, help="only the first N scans")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run with one slam setting changed (slam/mapper.py, SlamConfig), e.g. "
+        "--set odom_noise_scale=1.8; repeatable. The task's one configuration is the default",
+    )
     args = parser.parse_args(argv)
     if args.max_scans is not None and args.max_scans < 2:
         parser.error("--max-scans must be at least 2")
@@ -120,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slam.evaluate: {exc}", file=sys.stderr)
         return 2
 
-    result = evaluate(dataset, args.max_scans, args.map_out)
+    result = evaluate(dataset, args.max_scans, args.map_out, dict(args.settings))
     m = result.metrics
     print(f"dataset          {dataset.name} ({args.dataset})")
     print(f"scans            {m['scans']} ({result.summary['keyframes']} keyframes)")
