@@ -46,11 +46,12 @@ def evaluated(
     request: pytest.FixtureRequest,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Every selected log and variant evaluated at once, each on a CPU of its own."""
-    selected = set()
-    for item in request.session.items:
-        if item.module is request.module:
-            params = getattr(item, "callspec", None)
-            selected.add(params.params["log"] if params else FR_CLINIC_AT_1_8)
+    # Every test here names its run (a log, or a variant of one) in its `log` parameter.
+    selected = {
+        item.callspec.params["log"]
+        for item in request.session.items
+        if item.module is request.module
+    }
     runs = {name: VARIANTS.get(name, (name, ())) for name in BY_COST if name in selected}
     datasets = {name: require_data(f"slam/{log}") for name, (log, _) in runs.items()}
     return evaluate_side_by_side("slam", datasets, {name: a for name, (_, a) in runs.items()})
@@ -90,9 +91,11 @@ def test_slam_targets_in_container(
     assert m["rot_error_deg"] <= ROT_TARGET_DEG
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize(
+    "log", [pytest.param(FR_CLINIC_AT_1_8, marks=pytest.mark.slow, id="fr-clinic-margin-1.8")]
+)
 def test_the_return_of_fr_clinic_closes_at_a_neighbouring_odometry_margin_too(
-    evaluated: tuple[dict[str, dict[str, Any]], dict[str, str]],
+    log: str, evaluated: tuple[dict[str, dict[str, Any]], dict[str, str]]
 ) -> None:
     """fr-clinic's return to its start, driven the other way, closes through place matches
     near the fitness bar. Whether the pair test got its second match was a draw: at odometry
@@ -102,8 +105,8 @@ def test_the_return_of_fr_clinic_closes_at_a_neighbouring_odometry_margin_too(
     its partner (slam/loops.py); at 1.8 the return must close.
     """
     results, failures = evaluated
-    assert FR_CLINIC_AT_1_8 not in failures, failures[FR_CLINIC_AT_1_8]
-    m = results[FR_CLINIC_AT_1_8]
-    print(f"{FR_CLINIC_AT_1_8}: {m['trans_error_m']:.4f} m, {m['loop_closures']} closures")
+    assert log not in failures, failures[log]
+    m = results[log]
+    print(f"{log}: {m['trans_error_m']:.4f} m, {m['loop_closures']} closures")
     assert m["scans"] == SCANS["fr-clinic"]
     assert m["trans_error_m"] < 0.3
