@@ -115,14 +115,17 @@ def add_bench_parser(subparsers: Any) -> None:
         metavar="PATH",
         help="robot manifest (default: config/robot.yaml)",
     )
-    scen = p.add_mutually_exclusive_group()
-    scen.add_argument("--scenario", metavar="PATH", help="scenario (default: the manifest's)")
-    scen.add_argument(
+    p.add_argument(
+        "--scenario",
+        metavar="PATH",
+        help=f"scenario (default: the manifest's; --quick: {QUICK_SCENARIO.name})",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
-        help=f"the 28 s {QUICK_SCENARIO.name} at load {HEADLINE_LOAD:g}, one repeat, policies "
-        f"{','.join(QUICK_POLICIES)}, demand from one run, isolated runs side by side "
-        "(3.5 min on 2 cores)",
+        help=f"the 28 s {QUICK_SCENARIO.name} (or --scenario) at load {HEADLINE_LOAD:g}, one "
+        f"repeat, policies {','.join(QUICK_POLICIES)}, demand from one run, isolated runs side "
+        "by side (3.5 min on 2 cores)",
     )
     env = p.add_mutually_exclusive_group()
     env.add_argument(
@@ -230,7 +233,7 @@ def _open_bench(args: argparse.Namespace) -> Bench:
     from ctxrobot.service.runtime import run_folder
 
     config = Path(args.config).resolve()
-    scenario_path = QUICK_SCENARIO if args.quick else args.scenario
+    scenario_path = args.scenario or (QUICK_SCENARIO if args.quick else None)
     manifest = load_manifest(config)
     if scenario_path:
         manifest = with_scenario(manifest, scenario_path)
