@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
+import pytest
 
 from ctxrobot.manifest.live import Camera
 from ctxrobot.model.bus import EventBus
@@ -170,6 +172,33 @@ def test_camera_offline_mid_run_keeps_the_run_going(tmp_path: Path) -> None:
     assert "open again" in stderr
     assert len(results(out, "signs")) > processed_while_offline + 5
     assert orphans() - before == set()
+
+
+def test_a_recorded_image_sequence_plays_at_its_offsets_from_the_runs_time_zero(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A recording's frames are due at the run's time zero plus their offsets, as the
+    replayed sources' samples are, not at the camera's own start plus them: the sources
+    started before it (and its thread) would otherwise shift the camera against them. The
+    sequence ends at its index's last frame, without OpenCV's warning about the next file."""
+    offsets = [0.0, 0.1, 0.25]
+    for k in range(len(offsets)):
+        cv2.imwrite(str(tmp_path / f"{k:06d}.png"), np.full((48, 64, 3), 40 * k, np.uint8))
+    (tmp_path / "index.csv").write_text(
+        "id,offset_s,file\n" + "".join(f"{k},{o},{k:06d}.png\n" for k, o in enumerate(offsets))
+    )
+    source = camera(str(tmp_path / "%06d.png"), fps=10, size=[64, 48])
+    fired: list[Fired] = []
+    source.attach(EventBus())
+    t0 = time.monotonic() - 0.05  # the run started 50 ms before this source
+    source.start(lambda _name, f: fired.append(f), t0)
+    try:
+        wait_until(lambda: len(fired) == len(offsets), 10, "the recorded frames")
+    finally:
+        source.stop()
+    assert [f.sample.t_sensor - t0 for f in fired] == pytest.approx(offsets, abs=1e-9)
+    assert [int(f.sample.array()[0, 0, 0]) for f in fired] == [0, 40, 80]
+    assert "000003.png" not in capfd.readouterr().err
 
 
 def test_gstreamer_pipeline_frames_at_the_requested_size() -> None:

@@ -167,7 +167,7 @@ def replay(scenario_path: Path, data: Path) -> tuple[dict[str, list[Fired]], flo
         t_play = time.monotonic()
         player.start(t_play)
         for source in sources.live:
-            source.start(emit)
+            source.start(emit, t_play)
         player.join(scenario.duration_s + 30)
         time.sleep(0.5)
     finally:

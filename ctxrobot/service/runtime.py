@@ -231,7 +231,7 @@ class Runtime:
         self.player.start(self.t_play)
         for source in self.live_sources:
             source.attach(self.bus)
-            source.start(self._emit)
+            source.start(self._emit, self.t_play)
         log.info(
             "run %s started: %d task(s), policy %s", self.run_id, len(self.tasks), self.policy_name
         )

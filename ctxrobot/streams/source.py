@@ -49,8 +49,10 @@ class LiveSource(Protocol):
         """The bus for the source's state changes (and, for ``pose_odometry``, the task
         results it turns into odometry)."""
 
-    def start(self, emit: Emit) -> None:
-        """Open the device and begin emitting; returns at once."""
+    def start(self, emit: Emit, t0: float | None = None) -> None:
+        """Open the device and begin emitting; returns at once. ``t0`` is the run's time zero
+        on the monotonic clock (default: now): a recorded stream's offsets count from it, as
+        the replayed sources' do, however long the sources started before this one took."""
 
     def stop(self) -> None:
         """Stop reading and release the device; idempotent."""

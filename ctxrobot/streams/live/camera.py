@@ -154,7 +154,6 @@ class CameraSource(DeviceSource):
         self._period_s = 1.0 / spec.fps  # a file's frame spacing when it has no timestamps
         self._intervals: collections.deque[float] = collections.deque(maxlen=31)
         self._offsets: list[float] | None = None  # a recorded sequence's frame times
-        self._t_start = 0.0
         # The mailbox between the capture thread and the sender thread.
         self._mail = threading.Condition()
         self._pending: tuple[np.ndarray, float] | None = None
@@ -162,12 +161,11 @@ class CameraSource(DeviceSource):
         self._previous: np.ndarray | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
-    def start(self, emit: Emit) -> None:
-        self._t_start = time.monotonic()
+    def start(self, emit: Emit, t0: float | None = None) -> None:
         self._sender = threading.Thread(target=self._send_loop, name=f"send:{self.name}")
         self._sender.daemon = True
         self._sender.start()
-        super().start(emit)
+        super().start(emit, t0)
 
     def stop(self) -> None:
         super().stop()
@@ -269,6 +267,9 @@ class CameraSource(DeviceSource):
             return frame, time.monotonic()
         capture = self._capture
         assert capture is not None
+        if self._offsets is not None and frame_index >= len(self._offsets):
+            # Not one read past the end: OpenCV warns on stderr about the missing file.
+            raise EndOfStream(f"{self.input.target}: every frame of {INDEX_FILE} played")
         ok, frame = capture.read()
         now = time.monotonic()
         if not ok or frame is None:
@@ -283,15 +284,13 @@ class CameraSource(DeviceSource):
             return frame, stamp if 0.0 <= now - stamp < 1.0 else now
         if self.input.live:
             return frame, now
-        due = self._t_start + self._file_offset(capture, frame_index)
+        due = self._t0 + self._file_offset(capture, frame_index)
         if self._wait(max(0.0, due - time.monotonic())):
             raise EndOfStream("stopped")
         return frame, due
 
     def _file_offset(self, capture: cv2.VideoCapture, frame_index: int) -> float:
         if self._offsets is not None:
-            if frame_index >= len(self._offsets):
-                raise EndOfStream(f"{self.input.target}: {INDEX_FILE} lists fewer frames")
             return self._offsets[frame_index]
         if self.input.kind == "file":
             return capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0

@@ -93,16 +93,18 @@ class DeviceSource(abc.ABC):
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_id = 0
+        self._t0 = 0.0  # the run's time zero (monotonic), set by start
 
     # -- lifecycle (the runtime's side) ------------------------------------------------------
     def attach(self, bus: EventBus) -> None:
         """Publish state changes on ``bus``; the runtime calls it before :meth:`start`."""
         self._bus = bus
 
-    def start(self, emit: Emit) -> None:
+    def start(self, emit: Emit, t0: float | None = None) -> None:
         if self._thread is not None:
             raise RuntimeError(f"source {self.name!r} was already started")
         self._emit = emit
+        self._t0 = time.monotonic() if t0 is None else t0
         self._thread = threading.Thread(target=self._run, name=f"source:{self.name}", daemon=True)
         self._thread.start()
 

@@ -217,7 +217,7 @@ class PoseOdometrySource:
     def attach(self, bus: EventBus) -> None:
         self._bus = bus
 
-    def start(self, emit: Emit) -> None:
+    def start(self, emit: Emit, t0: float | None = None) -> None:
         if self._bus is None:
             log.warning(
                 "source %s: not attached to the bus, so it cannot hear task %r's poses",

@@ -296,10 +296,10 @@ class RplidarSource(DeviceSource):
         self._assembler = ScanAssembler(spec.beams, spec.baud)
         self._increment = math.radians(360.0 / spec.beams)
 
-    def start(self, emit: Emit) -> None:
+    def start(self, emit: Emit, t0: float | None = None) -> None:
         if self.odometry is not None:
             self.odometry.start()
-        super().start(emit)
+        super().start(emit, t0)
 
     def stop(self) -> None:
         super().stop()
