@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import pty
+import socket
 import time
 import tty
 
@@ -16,7 +17,7 @@ from ctxrobot.model.bus import EventBus
 from ctxrobot.model.events import Odometry, SourceStateChanged, TaskResult
 from ctxrobot.streams.live import build_live_source
 from ctxrobot.streams.live.odometry import OdometryFeedReader
-from tests.test_live_support import wait_until
+from tests.test_live_support import free_port, wait_until
 
 
 def test_pose_odometry_turns_task_poses_into_motion() -> None:
@@ -68,3 +69,22 @@ def test_odometry_feed_over_a_serial_line() -> None:
     assert reader.pose_at(sent - 0.05)[0] == [0.0, 0.0, 0.0]  # type: ignore[index]
     assert reader.pose_at(sent + 2.0) is None, "a feed silent for a second says nothing"
     assert math.isclose(reader.latest()[3], 3.1)  # type: ignore[index]
+
+
+def test_a_udp_odometry_feed_is_bound_when_start_returns() -> None:
+    """The lidar starts right after its odometry reader, and its first scans need a pose: a
+    pose sent the moment ``start`` returns must wait in the socket, not be lost because the
+    reader's thread has not run yet."""
+    port = free_port()
+    reader = OdometryFeedReader("lidar", OdometryFeed(udp=f"127.0.0.1:{port}"))
+    reader.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            with pytest.raises(OSError):  # in use: the reader holds the port already
+                probe.bind(("127.0.0.1", port))
+            probe.sendto(b"1.0 2.0 0.5\n", ("127.0.0.1", port))
+        wait_until(lambda: reader.latest() is not None, 5, "the pose sent at once")
+    finally:
+        reader.stop()
+    latest = reader.latest()
+    assert latest is not None and latest[1:4] == (1.0, 2.0, 0.5)

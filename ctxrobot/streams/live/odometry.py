@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import socket
@@ -78,12 +79,19 @@ class OdometryFeedReader:
         self._velocity = Velocity()
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
+        self._udp: socket.socket | None = None  # bound by start, read by the thread
 
     @property
     def where(self) -> str:
         return f"udp {self.spec.udp}" if self.spec.udp else f"serial {self.spec.serial}"
 
     def start(self) -> None:
+        if self.spec.udp is not None:
+            # Bound before the caller starts the lidar: a pose sent from now on waits in the
+            # socket's buffer instead of being lost while the thread is not yet scheduled
+            # (the first scans of a loaded machine had no odometry).
+            with contextlib.suppress(OSError):  # the thread retries, and says why
+                self._udp = self._bind_udp()
         self._thread = threading.Thread(
             target=self._run, name=f"odometry:{self.owner}", daemon=True
         )
@@ -93,6 +101,9 @@ class OdometryFeedReader:
         self._halt.set()
         if self._thread is not None:
             self._thread.join(2.0)
+        if self._udp is not None:  # stopped before the thread took it
+            self._udp.close()
+            self._udp = None
 
     def latest(self) -> tuple[float, ...] | None:
         """The newest reading ``(t, x, y, theta, v, w)``, or None before the first."""
@@ -134,14 +145,23 @@ class OdometryFeedReader:
                     warned = True
                 self._halt.wait(1.0)
 
-    def _read_udp(self) -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    def _bind_udp(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             # The kernel stamps each datagram on arrival: a reading's time then does not
             # depend on when this thread gets the interpreter.
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.bind(self.spec.udp_address)
             sock.settimeout(POLL_S)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _read_udp(self) -> None:
+        sock, self._udp = self._udp or self._bind_udp(), None
+        with sock:
             while not self._halt.is_set():
                 try:
                     data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(16))
