@@ -160,7 +160,9 @@ class OdometryFeedReader:
         return sock
 
     def _read_udp(self) -> None:
-        sock, self._udp = self._udp or self._bind_udp(), None
+        # The socket start bound, once; a retry after a failure binds anew.
+        sock = self._udp if self._udp is not None else self._bind_udp()
+        self._udp = None
         with sock:
             while not self._halt.is_set():
                 try:
