@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
 import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import pytest
 
 from ctxtask.datasets import data_dir
 
 REPO = Path(__file__).resolve().parents[1]
+
+Result = TypeVar("Result")
 
 
 def ctxrobot(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -27,6 +32,27 @@ def ctxrobot(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
         timeout=timeout,
         cwd=REPO,
     )
+
+
+def side_by_side(jobs: Mapping[str, Callable[[int], Result]]) -> dict[str, Result]:
+    """Run CPU-bound jobs at once, one per usable CPU: each job starts, in the order given
+    (longest first keeps the CPUs evenly busy), when a CPU is free, and is called with that
+    CPU for it to pin itself there. Returns each job's result by name; a job that raises
+    raises here."""
+    free: queue.Queue[int] = queue.Queue()
+    for cpu in sorted(os.sched_getaffinity(0))[: max(1, len(jobs))]:
+        free.put(cpu)
+
+    def on_a_free_cpu(job: Callable[[int], Result]) -> Result:
+        cpu = free.get()
+        try:
+            return job(cpu)
+        finally:
+            free.put(cpu)
+
+    with ThreadPoolExecutor(max_workers=free.qsize()) as pool:
+        futures = {name: pool.submit(on_a_free_cpu, job) for name, job in jobs.items()}
+    return {name: future.result() for name, future in futures.items()}
 
 
 def in_ci() -> bool:

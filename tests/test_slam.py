@@ -17,7 +17,9 @@ import math
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -32,7 +34,6 @@ from ctxtask.datasets.laser import (
     score_run,
 )
 from ctxtask.protocol import Sample
-from slam.evaluate import evaluate
 from slam.mapper import Slam, SlamConfig
 from slam.matching import LikelihoodField, PointLineMap, correlative_search, icp
 from slam.places import PlaceIndex, trail
@@ -40,7 +41,7 @@ from slam.posegraph import PoseGraph
 from slam.scan import scan_to_points
 from slam.se2 import between, compose, transform_points, wrap
 from slam.task import SlamTask
-from tests.conftest import REPO, require_data
+from tests.conftest import REPO, require_data, side_by_side
 
 TRANS_TARGET_M = 0.10
 ROT_TARGET_DEG = 1.5
@@ -307,9 +308,11 @@ def test_task_rejects_other_samples() -> None:
 
 
 # ------------------------------------------------------------------------------ evaluate CLI
-def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _run_cli(*args: str, cpu: int | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m slam.evaluate ARGS` on the host, pinned to ``cpu`` if given."""
+    pin = ["taskset", "--cpu-list", str(cpu)] if cpu is not None else []
     return subprocess.run(
-        [sys.executable, "-m", "slam.evaluate", *args],
+        [*pin, sys.executable, "-m", "slam.evaluate", *args],
         cwd=REPO / "tasks",
         capture_output=True,
         text=True,
@@ -549,36 +552,82 @@ def _wide_scanner_copy(src: Path, dst: Path, beams: int) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("beams", [361, 360])
-def test_a_half_degree_scanner_of_361_or_360_beams(tmp_path: Path, beams: int) -> None:
+#: The first part of each log: every log's accuracy is asserted in the fast suite too; the
+#: whole logs run in the slam container (tests/test_slam_eval_docker.py).
+PREFIX_SCANS = {"intel": 3000, "aces": 2500, "fr-clinic": 1500, "mit-killian": 3500}
+#: ACES as a 0.5° scanner against itself at 1°, over its first scans.
+WIDE_SCANS = 1200
+WIDE_BEAMS = (361, 360)
+
+
+Evaluated = dict[str, subprocess.CompletedProcess[str]]
+
+
+def _evaluation(folder: Path, max_scans: int) -> Callable[[int], subprocess.CompletedProcess[str]]:
+    """`python -m slam.evaluate FOLDER --max-scans N --json`, pinned to a CPU."""
+    return lambda cpu: _run_cli(str(folder), "--json", "--max-scans", str(max_scans), cpu=cpu)
+
+
+def _metrics(evaluated: Evaluated, name: str) -> dict[str, Any]:
+    """The JSON metrics of one evaluation, which must have succeeded."""
+    proc = evaluated[name]
+    assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def wide_aces(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """ACES as a 0.5° scanner, by beam count."""
+    aces = require_data("slam/aces")
+    root = tmp_path_factory.mktemp("aces-wide")
+    return {beams: _wide_scanner_copy(aces, root / str(beams), beams) for beams in WIDE_BEAMS}
+
+
+@pytest.fixture(scope="module")
+def evaluated(request: pytest.FixtureRequest) -> Evaluated:
+    """The evaluations that the selected tests of this module read, side by side, one per CPU
+    (each is 5-25 s of one CPU): a log's start by the log's name, ACES as a 0.5° scanner by
+    its beam count (``"aces-361"``), and ACES at 1° over the same scans (``"aces-1200"``)."""
+    selected = {
+        (item.originalname, *item.callspec.params.values())
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec")
+    }
+    jobs: dict[str, Callable[[int], subprocess.CompletedProcess[str]]] = {}
+    for name, scans in sorted(PREFIX_SCANS.items(), key=lambda item: -item[1]):
+        if (test_accuracy_targets_on_the_start_of_each_log.__name__, name) in selected:
+            jobs[name] = _evaluation(require_data(f"slam/{name}"), scans)
+    for beams in WIDE_BEAMS:
+        if (test_a_half_degree_scanner_of_361_or_360_beams.__name__, beams) in selected:
+            jobs[f"aces-{beams}"] = _evaluation(
+                request.getfixturevalue("wide_aces")[beams], WIDE_SCANS
+            )
+            jobs["aces-1200"] = _evaluation(require_data("slam/aces"), WIDE_SCANS)
+    return side_by_side(jobs)
+
+
+@pytest.mark.parametrize("beams", WIDE_BEAMS)
+def test_a_half_degree_scanner_of_361_or_360_beams(
+    beams: int, wide_aces: dict[int, Path], evaluated: Evaluated
+) -> None:
     """Reader and matcher take the geometry from laser.yaml: same log, twice the beams."""
-    src = require_data("slam/aces")
-    folder = _wide_scanner_copy(src, tmp_path / "aces-wide", beams)
-    wide = load_laser_dataset(folder)
+    wide = load_laser_dataset(wide_aces[beams])
     assert wide.ranges.shape[1] == beams
     assert wide.geometry.angle_increment == pytest.approx(math.radians(0.5))
     sample = scan_sample(wide, 5)
     assert sample.meta["beams"] == beams and len(sample.array()) == beams
-    m = evaluate(wide, max_scans=1200).metrics
-    base = evaluate(load_laser_dataset(src), max_scans=1200).metrics
+    m, base = _metrics(evaluated, f"aces-{beams}"), _metrics(evaluated, "aces-1200")
     print(f"\n{beams} beams at 0.5°: {m}\n180 beams at 1°: {base}")
+    assert m["scans"] == base["scans"] == WIDE_SCANS
     assert m["relations"] == base["relations"] > 100
     assert m["trans_error_m"] <= TRANS_TARGET_M and m["rot_error_deg"] <= ROT_TARGET_DEG
 
 
-# ------------------------------------------------------------------------------ accuracy
-#: The first part of each log: every log's accuracy is asserted in the fast suite too; the
-#: whole logs run in the slam container (tests/test_slam_eval_docker.py).
-PREFIX_SCANS = {"intel": 3000, "aces": 2500, "fr-clinic": 1500, "mit-killian": 3500}
-
-
 @pytest.mark.parametrize("name", list(PREFIX_SCANS))
-def test_accuracy_targets_on_the_start_of_each_log(name: str) -> None:
-    ds = load_laser_dataset(require_data(f"slam/{name}"))
-    result = evaluate(ds, max_scans=PREFIX_SCANS[name])
-    m = result.metrics
+def test_accuracy_targets_on_the_start_of_each_log(name: str, evaluated: Evaluated) -> None:
+    m = _metrics(evaluated, name)
     print(f"\n{name}, first {m['scans']} scans: {json.dumps(m)}")
-    assert result.poses.shape == (m["scans"], 3)
+    assert m["scans"] == PREFIX_SCANS[name]
     assert m["relations"] > 50
     lo, hi = m["trans_error_ci95_m"]
     assert lo <= m["trans_error_m"] <= hi
