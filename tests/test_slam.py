@@ -34,6 +34,7 @@ from ctxtask.datasets.laser import (
     score_run,
 )
 from ctxtask.protocol import Sample
+from slam.evaluate import evaluate
 from slam.mapper import Slam, SlamConfig
 from slam.matching import LikelihoodField, PointLineMap, correlative_search, icp
 from slam.places import PlaceIndex, trail
@@ -372,6 +373,14 @@ def test_evaluate_cli_json_short_run(tmp_path: Path) -> None:
     assert (tmp_path / "map.png").is_file()
 
 
+def test_evaluate_in_process_gives_one_pose_per_scan() -> None:
+    """In process, as the CLI and the whole-log tests call it: one final pose per scan."""
+    result = evaluate(load_laser_dataset(require_data("slam/aces")), max_scans=300)
+    assert result.poses.shape == (result.metrics["scans"], 3) == (300, 3)
+    assert np.all(np.isfinite(result.poses))
+    assert result.metrics["relations"] > 0
+
+
 def test_evaluate_without_relations_still_runs(tmp_path: Path) -> None:
     folder = _copy_dataset(require_data("slam/aces"), tmp_path / "aces")
     (folder / "aces.relations").unlink()
@@ -558,6 +567,7 @@ PREFIX_SCANS = {"intel": 3000, "aces": 2500, "fr-clinic": 1500, "mit-killian": 3
 #: ACES as a 0.5° scanner against itself at 1°, over its first scans.
 WIDE_SCANS = 1200
 WIDE_BEAMS = (361, 360)
+ACES_AT_1_DEG = "aces at 1°"
 
 
 Evaluated = dict[str, subprocess.CompletedProcess[str]]
@@ -587,7 +597,7 @@ def wide_aces(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 def evaluated(request: pytest.FixtureRequest) -> Evaluated:
     """The evaluations that the selected tests of this module read, side by side, one per CPU
     (each is 5-25 s of one CPU): a log's start by the log's name, ACES as a 0.5° scanner by
-    its beam count (``"aces-361"``), and ACES at 1° over the same scans (``"aces-1200"``)."""
+    its beam count (``"aces-361"``), and ACES at 1° over the same scans (`ACES_AT_1_DEG`)."""
     selected = {
         (item.originalname, *item.callspec.params.values())
         for item in request.session.items
@@ -602,7 +612,7 @@ def evaluated(request: pytest.FixtureRequest) -> Evaluated:
             jobs[f"aces-{beams}"] = _evaluation(
                 request.getfixturevalue("wide_aces")[beams], WIDE_SCANS
             )
-            jobs["aces-1200"] = _evaluation(require_data("slam/aces"), WIDE_SCANS)
+            jobs[ACES_AT_1_DEG] = _evaluation(require_data("slam/aces"), WIDE_SCANS)
     return side_by_side(jobs)
 
 
@@ -616,7 +626,7 @@ def test_a_half_degree_scanner_of_361_or_360_beams(
     assert wide.geometry.angle_increment == pytest.approx(math.radians(0.5))
     sample = scan_sample(wide, 5)
     assert sample.meta["beams"] == beams and len(sample.array()) == beams
-    m, base = _metrics(evaluated, f"aces-{beams}"), _metrics(evaluated, "aces-1200")
+    m, base = _metrics(evaluated, f"aces-{beams}"), _metrics(evaluated, ACES_AT_1_DEG)
     print(f"\n{beams} beams at 0.5°: {m}\n180 beams at 1°: {base}")
     assert m["scans"] == base["scans"] == WIDE_SCANS
     assert m["relations"] == base["relations"] > 100
