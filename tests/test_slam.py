@@ -607,12 +607,13 @@ def evaluated(request: pytest.FixtureRequest) -> Evaluated:
     for name, scans in sorted(PREFIX_SCANS.items(), key=lambda item: -item[1]):
         if (test_accuracy_targets_on_the_start_of_each_log.__name__, name) in selected:
             jobs[name] = _evaluation(require_data(f"slam/{name}"), scans)
-    for beams in WIDE_BEAMS:
-        if (test_a_half_degree_scanner_of_361_or_360_beams.__name__, beams) in selected:
-            jobs[f"aces-{beams}"] = _evaluation(
-                request.getfixturevalue("wide_aces")[beams], WIDE_SCANS
-            )
-            jobs[ACES_AT_1_DEG] = _evaluation(require_data("slam/aces"), WIDE_SCANS)
+    wide = test_a_half_degree_scanner_of_361_or_360_beams.__name__
+    beam_counts = [beams for beams in WIDE_BEAMS if (wide, beams) in selected]
+    for beams in beam_counts:
+        folder = request.getfixturevalue("wide_aces")[beams]
+        jobs[f"aces-{beams}"] = _evaluation(folder, WIDE_SCANS)
+    if beam_counts:  # one baseline for every beam count
+        jobs[ACES_AT_1_DEG] = _evaluation(require_data("slam/aces"), WIDE_SCANS)
     return side_by_side(jobs)
 
 
