@@ -33,21 +33,9 @@ GTSRB = "signs/gtsrb-test-subset"
 ROAD = "signs/road-sign-detection-subset"
 
 
-# The slam derivation reads ROS bags with `rosbags`; without it the full fetch still
-# covers signs and speech.
-def _have_rosbags() -> bool:
-    try:
-        import rosbags  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-FETCHED = list(catalogue.GROUPS) if _have_rosbags() else ["signs", "speech"]
+FETCHED = list(catalogue.GROUPS)
 # Folders whose every original is in the shared folder, so a fetch completes them.
-COMPLETE = [
-    f for f in ("slam", "signs/cascades", "signs/classifier-tflite", "speech") if f in FETCHED
-]
+COMPLETE = ["slam", "signs/cascades", "signs/classifier-tflite", "speech"]
 
 
 def sha(path: Path) -> str:

@@ -94,6 +94,91 @@ def test_reader_fields() -> None:
     assert np.all(ds.angle_min == pytest.approx(math.radians(-90.0)))
 
 
+def _bag_with_frames(path: Path, links: list[tuple[str, str, float, float, float]]) -> None:
+    """A ROS 1 bag with one /scan (frame ``laser``), one /odom (child ``base_link``) and a
+    /tf_static of ``links`` (parent, child, x, y, yaw)."""
+    from rosbags.rosbag1 import Writer
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    store = get_typestore(Stores.ROS1_NOETIC)
+    store.register(
+        get_types_from_msg("geometry_msgs/TransformStamped[] transforms", "tf2_msgs/msg/TFMessage")
+    )
+    t = store.types
+    stamp = t["builtin_interfaces/msg/Time"](sec=1, nanosec=0)
+
+    def header(frame: str) -> Any:
+        return t["std_msgs/msg/Header"](seq=0, stamp=stamp, frame_id=frame)
+
+    def vector(x: float = 0.0, y: float = 0.0) -> Any:
+        return t["geometry_msgs/msg/Vector3"](x=x, y=y, z=0.0)
+
+    def turn(yaw: float) -> Any:
+        return t["geometry_msgs/msg/Quaternion"](
+            x=0.0, y=0.0, z=math.sin(yaw / 2), w=math.cos(yaw / 2)
+        )
+
+    scan = t["sensor_msgs/msg/LaserScan"](
+        header=header("laser"), angle_min=-1.5, angle_max=1.5, angle_increment=0.1,
+        time_increment=0.0, scan_time=0.0, range_min=0.1, range_max=30.0,
+        ranges=np.ones(31, np.float32), intensities=np.zeros(0, np.float32),
+    )  # fmt: skip
+    point = t["geometry_msgs/msg/Point"](x=0.0, y=0.0, z=0.0)
+    pose = t["geometry_msgs/msg/Pose"](position=point, orientation=turn(0.0))
+    twist = t["geometry_msgs/msg/Twist"](linear=vector(), angular=vector())
+    odom = t["nav_msgs/msg/Odometry"](
+        header=header("odom"), child_frame_id="base_link",
+        pose=t["geometry_msgs/msg/PoseWithCovariance"](pose=pose, covariance=np.zeros(36)),
+        twist=t["geometry_msgs/msg/TwistWithCovariance"](twist=twist, covariance=np.zeros(36)),
+    )  # fmt: skip
+    tf_static = t["tf2_msgs/msg/TFMessage"](
+        transforms=[
+            t["geometry_msgs/msg/TransformStamped"](
+                header=header(parent),
+                child_frame_id=child,
+                transform=t["geometry_msgs/msg/Transform"](
+                    translation=vector(x, y), rotation=turn(yaw)
+                ),
+            )
+            for parent, child, x, y, yaw in links
+        ]
+    )
+    with Writer(path) as writer:
+        for topic, msg in (("/tf_static", tf_static), ("/odom", odom), ("/scan", scan)):
+            typename = msg.__msgtype__
+            conn = writer.add_connection(topic, typename, typestore=store)
+            writer.write(conn, 1_000_000_000, store.serialize_ros1(msg, typename))
+
+
+def test_reader_takes_the_lasers_mount_from_the_bags_tf_static(tmp_path: Path) -> None:
+    """The laser's pose on the robot's base comes from the log's bag, as a ROS SLAM node takes
+    it from TF: fr-clinic's laser sits 0.22 m ahead (its MANIFEST.md), intel's at the centre;
+    a chain of static transforms is composed; a folder without a bag has the laser at the
+    centre; a bag whose /tf_static does not reach the scan's frame is refused by name. The
+    scan samples carry the mount to the task."""
+    fr_clinic = load_laser_dataset(require_data("slam/fr-clinic"))
+    np.testing.assert_allclose(fr_clinic.laser_mount, [0.22, 0.0, 0.0], atol=1e-12)
+    assert scan_sample(fr_clinic, 0).meta["laser_mount"] == pytest.approx([0.22, 0.0, 0.0])
+    intel = load_laser_dataset(require_data("slam/intel"))
+    np.testing.assert_array_equal(intel.laser_mount, np.zeros(3))
+
+    folder = _copy_dataset(require_data("slam/aces"), tmp_path / "aces")
+    np.testing.assert_array_equal(load_laser_dataset(folder).laser_mount, np.zeros(3))
+    _bag_with_frames(
+        folder / "aces.bag",
+        [("base_link", "plate", 0.1, 0.0, 0.0), ("plate", "laser", 0.12, 0.05, math.pi / 2)],
+    )
+    np.testing.assert_allclose(
+        load_laser_dataset(folder).laser_mount, [0.22, 0.05, math.pi / 2], atol=1e-9
+    )
+    (folder / "aces.bag").unlink()
+    _bag_with_frames(folder / "aces.bag", [("base_link", "plate", 0.1, 0.0, 0.0)])
+    with pytest.raises(
+        ValueError, match="does not join the scan frame 'laser' to the base 'base_link'"
+    ):
+        load_laser_dataset(folder)
+
+
 def test_reader_takes_each_scans_start_bearing_from_angle_min_file() -> None:
     """fr-clinic's scanner interleaves four start bearings, 0.25° apart (MANIFEST.md)."""
     ds = load_laser_dataset(require_data("slam/fr-clinic"))
@@ -393,6 +478,59 @@ def test_evaluate_without_relations_still_runs(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------- shedding, in the loop
+def test_the_pose_is_the_bases_when_the_laser_sits_ahead_of_it() -> None:
+    """fr-clinic's laser is 0.22 m ahead of the base. The odometry is carried to the laser
+    and the poses handed back are the base's: the first is the odometry's own, every later
+    one is 0.22 m behind the laser's pose the graph holds, and the task's results say the
+    same. A stream whose mount changes is refused."""
+    ds = load_laser_dataset(require_data("slam/fr-clinic"))
+    g = ds.geometry
+    mount = ds.laser_mount
+    slam = Slam()
+    first = slam.process(
+        ds.ranges[0], ds.odom_at_scans[0], float(ds.angle_min[0]), g.angle_increment, 81.0, mount
+    )
+    np.testing.assert_allclose(first.pose, ds.odom_at_scans[0], atol=1e-12)
+    for k in range(1, 60):
+        slam.process(
+            ds.ranges[k],
+            ds.odom_at_scans[k],
+            float(ds.angle_min[k]),
+            g.angle_increment,
+            81.0,
+            mount,
+        )
+    base = slam.trajectory()
+    laser = np.array([slam.laser_pose(k) for k in range(slam.num_scans)])
+    np.testing.assert_allclose(compose(base, np.broadcast_to(mount, base.shape)), laser, atol=1e-9)
+    with pytest.raises(ValueError, match="mount changed"):
+        slam.process(
+            ds.ranges[60], ds.odom_at_scans[60], float(ds.angle_min[60]), g.angle_increment, 81.0
+        )
+
+    task = SlamTask()
+    task.setup({})
+    task.initialise()
+    results = [task.update(scan_sample(ds, k)) for k in range(60)]
+    assert results[0]["pose"] == pytest.approx(np.round(ds.odom_at_scans[0], 4).tolist())
+    np.testing.assert_allclose([r["pose"] for r in results], base, atol=1e-4)
+
+
+def test_each_keyframe_joins_the_last_by_its_scan_match_and_by_the_odometry() -> None:
+    """The pose graph holds this robot's odometry beside the scan matches: every keyframe is
+    joined to the one before by two edges, the matched pose and the odometry's."""
+    ds = load_laser_dataset(require_data("slam/intel"))
+    g = ds.geometry
+    slam = Slam()
+    for k in range(300):
+        slam.process(ds.ranges[k], ds.odom_at_scans[k], g.angle_min, g.angle_increment, 81.0)
+    keyframes = len(slam.keyframes)
+    assert keyframes > 20
+    joins = [slam.graph.edge_nodes(e) for e in range(slam.graph.num_edges)]
+    consecutive = [(i, j) for i, j in joins if j == i + 1]
+    assert sorted(consecutive) == sorted([(k, k + 1) for k in range(keyframes - 1)] * 2)
+
+
 def test_standing_still_is_shed_with_a_pose() -> None:
     """A scan whose odometry has not moved is not matched: the result says so, with a pose."""
     ds = load_laser_dataset(require_data("slam/aces"))
@@ -547,13 +685,14 @@ def test_the_odometry_noise_learned_online_tells_a_good_odometry_from_a_poor_one
         ds = load_laser_dataset(require_data(f"slam/{name}"))
         g = ds.geometry
         slam = Slam()
-        start = slam.odometry_noise.sigmas(np.array([0.2, 0.0, 0.0]))
+        margin = slam.config.odom_noise_scale
+        start = slam.odometry_noise.sigmas(np.array([0.2, 0.0, 0.0]), margin)
         for k in range(1500):
             slam.process(
                 ds.ranges[k], ds.odom_at_scans[k], float(ds.angle_min[k]), g.angle_increment, 81.0
             )
         assert slam.odometry_noise.samples >= slam.config.odom_noise_min_samples
-        _, sigma_th = slam.odometry_noise.sigmas(np.array([0.2, 0.0, 0.0]))
+        _, sigma_th = slam.odometry_noise.sigmas(np.array([0.2, 0.0, 0.0]), margin)
         learned[name] = math.degrees(sigma_th)
     print(f"\nheading σ of a 0.2 m step: start {math.degrees(start[1]):.2f}°, learned {learned}")
     assert learned["fr-clinic"] < 0.5 < 2.0 < learned["intel"]

@@ -37,7 +37,7 @@ NOT_YET = {"fr-clinic"}
 FR_CLINIC_AT_1_8 = "fr-clinic, odom_noise_scale 1.8"
 VARIANTS = {FR_CLINIC_AT_1_8: ("fr-clinic", ("--set", "odom_noise_scale=1.8"))}
 
-#: Longest first, so that two CPUs finish together (CPU seconds measured: 123, 73, 70, 46, 18).
+#: Longest first, so that two CPUs finish together (CPU seconds measured: 149, 74, 71, 49, 15).
 BY_COST = ("mit-killian", "fr-clinic", FR_CLINIC_AT_1_8, "intel", "aces")
 
 

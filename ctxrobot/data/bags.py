@@ -1,7 +1,7 @@
 """ROS 1 laser bags → the text logs our SLAM reader loads (`*_laser.txt.gz`, `*_odom.txt`).
 
 The Freiburg benchmark logs reach us as bags built by INESCTEC/ricoslam from CARMEN logs.
-Reading them needs `rosbags` (the `data` extra). Number formats are those of the shared
+They are read with `rosbags`. Number formats are those of the shared
 files: stamps and odometry with 6 decimals, ranges with CARMEN's 2.
 """
 
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from rosbags.rosbag1 import Reader
+from rosbags.typesys import Stores, get_typestore
 
 OdomRow = tuple[float, float, float, float, float]  # x_m y_m theta_rad tv_m_per_s rv_rad_per_s
 
@@ -38,14 +40,6 @@ class LaserBag:
 def read_laser_bag(bag: Path) -> LaserBag:
     """Read a bag's /scan and /odom; the heading is theta = 2·atan2(qz, qw), exact for the
     planar quaternions the converters wrote."""
-    try:
-        from rosbags.rosbag1 import Reader
-        from rosbags.typesys import Stores, get_typestore
-    except ImportError as exc:
-        raise ImportError(
-            "reading the ROS bags needs the `rosbags` package: pip install rosbags "
-            "(or pip install 'ctxrobot[data]')"
-        ) from exc
     typestore = get_typestore(Stores.ROS1_NOETIC)
     logs = LaserBag(bag.name, [], [], [], [], [])
     with Reader(bag) as reader:

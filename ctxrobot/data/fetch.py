@@ -405,7 +405,7 @@ def _bars_wanted() -> bool:
 _EPILOG = """\
 datasets (--only takes group names or folders, comma-separated):
   slam    slam/intel, slam/aces, slam/fr-clinic, slam/mit-killian (ROS bags ->
-          *_laser.txt.gz, *_odom.txt, laser.yaml; needs `pip install rosbags`),
+          *_laser.txt.gz, *_odom.txt, laser.yaml),
           slam/breezyslam-mines
   signs   signs/gtsrb-test-subset, signs/road-sign-detection-subset,
           signs/cascades, signs/classifier-tflite

@@ -119,9 +119,12 @@ class LoopCloser:
         """Covariance (map-aligned) of the pose of ``k`` relative to ``j``, from the graph.
 
         Marginals of j and of the newest factored node m come from the graph's factorisation;
-        the chain of sequential edges from m to k (no closure since, or the graph would have
+        the chain of scan-matched edges from m to k (no closure since, or the graph would have
         been re-factored) is propagated on top. So the uncertainty between two places is
         what every edge between them says, not the path since the last closure anywhere.
+        The chain leaves out the odometry edges beside it (the factorisation's marginals hold
+        them): their σ is learned from medians, and with them the window after a long stretch
+        without a closure would be narrower than the drift it has to cover.
         """
         cfg = self.config
         poses = self.graph.poses

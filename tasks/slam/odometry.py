@@ -17,8 +17,9 @@ in turns far more than a straight stretch says, MIT Killian most):
 
 per step of d metres and Δθ radians, with q_d from straight stretches, q_t from turning ones
 (the driving share taken off), q_xy from all, each the robust (median) variance per unit of
-the last stretches; u₀ is a small standing term. Both σ are then multiplied by a margin
-(``odom_noise_scale``), above floors. Until enough stretches are in, the fixed start values
+the last stretches; u₀ is a small standing term. Both σ are then multiplied by a margin,
+above floors: the tracking prior's (``odom_noise_scale``) or the pose graph's odometry
+edges' (``odom_edge_noise_scale``). Until enough stretches are in, the fixed start values
 of :class:`~slam.mapper.SlamConfig` hold (for the turn term: until enough turning ones are).
 """
 
@@ -66,8 +67,9 @@ class OdometryNoise:
         """Straight stretches measured so far: the driving term's samples."""
         return len(self._heading_var)
 
-    def sigmas(self, step: np.ndarray) -> tuple[float, float]:
-        """(σ_xy in m, σ_θ in rad) of the odometry prior for one odometry ``step``."""
+    def sigmas(self, step: np.ndarray, margin: float) -> tuple[float, float]:
+        """(σ_xy in m, σ_θ in rad) of the odometry over one odometry ``step``: the learned noise
+        times ``margin`` (the tracking prior's and the pose graph's odometry edges differ)."""
         cfg = self.config
         dist = float(math.hypot(step[0], step[1]))
         if self.samples < cfg.odom_noise_min_samples:
@@ -83,12 +85,11 @@ class OdometryNoise:
         else:
             turn_var = (cfg.odom_sigma_th_factor * turn) ** 2
         u0 = cfg.odom_noise_standing_m
-        scale = cfg.odom_noise_scale
         return (
-            max(cfg.odom_sigma_xy_min_m, scale * math.sqrt(q_xy * (dist + u0))),
+            max(cfg.odom_sigma_xy_min_m, margin * math.sqrt(q_xy * (dist + u0))),
             max(
                 cfg.odom_sigma_th_min_rad,
-                scale * math.sqrt(q_th * (dist + u0) + turn_var),
+                margin * math.sqrt(q_th * (dist + u0) + turn_var),
             ),
         )
 

@@ -67,6 +67,10 @@ class PoseGraph:
         self._info.append(np.asarray(info, dtype=np.float64))
         self._robust.append(robust)
 
+    @property
+    def num_edges(self) -> int:
+        return len(self._i)
+
     def edge_nodes(self, index: int) -> tuple[int, int]:
         """The two nodes edge ``index`` joins."""
         return self._i[index], self._j[index]

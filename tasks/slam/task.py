@@ -17,6 +17,10 @@ from slam.occupancy import build_grid
 class SlamTask(Task):
     """2D graph SLAM over ``scan`` samples.
 
+    A scan's meta gives its geometry (``angle_min``, ``angle_increment``, ``max_range``), the
+    base's wheel odometry (``odom``) and, when the laser is not at the base's centre, its
+    mount (``laser_mount``: x, y in m and yaw in rad on the base). Poses are the base's.
+
     Config keys: ``map_out`` (folder for ``map.png`` + ``map.yaml`` at the end of a stream),
     ``map_resolution`` (m per cell, default 0.05) and ``slam`` (overrides of
     :class:`~slam.mapper.SlamConfig` fields, for experiments).
@@ -53,6 +57,7 @@ class SlamTask(Task):
             float(meta["angle_min"]),
             float(meta["angle_increment"]),
             float(meta["max_range"]),
+            meta.get("laser_mount", (0.0, 0.0, 0.0)),
         )
         self._cpu_s += time.process_time() - t0
         pose = [round(float(v), 4) for v in estimate.pose]

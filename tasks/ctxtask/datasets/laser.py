@@ -7,11 +7,14 @@ A dataset folder (e.g. ``$CTXROBOT_DATA/slam/intel``) holds:
 - ``laser.yaml``: ``beams, angle_min_deg, angle_increment_deg, no_return_m, scan_rate_hz``
   and optionally ``angle_min_file``: a file in the folder with ``timestamp_s angle_min_deg`` per
   scan, for scanners whose start bearing changes from scan to scan (interleaved modes);
-- optionally ``*.relations``: ``t1 t2 x y z roll pitch yaw`` (pose of scan 2 in scan 1).
+- optionally ``*.relations``: ``t1 t2 x y z roll pitch yaw`` (pose of scan 2 in scan 1);
+- optionally the log's ROS 1 bag (``*.bag``), whose ``/tf_static`` says where the laser sits on
+  the robot's base (without one, at its centre).
 
 The host runtime uses this module to replay logs and derive motion context, and the SLAM task
 uses it for evaluation (inside the slam container, which has no PyYAML), so it depends on
-numpy only: ``laser.yaml`` is a flat ``key: value`` mapping and is parsed here.
+numpy, and on ``rosbags`` for a folder's bag: ``laser.yaml`` is a flat ``key: value`` mapping
+and is parsed here.
 
 :func:`score_run` scores the poses a SLAM task returned during a run (the benchmark's
 quality-in-the-loop figure).
@@ -59,6 +62,9 @@ class LaserDataset:
     geometry: LaserGeometry
     angle_min: np.ndarray  # (N,) rad, bearing of beam 0 of each scan
     relations: np.ndarray | None  # (K, 5) [t1, t2, dx, dy, dyaw] or None
+    # (3,) the laser's pose on the robot's base [x m, y m, yaw rad]; the odometry and the
+    # relations are the base's.
+    laser_mount: np.ndarray
 
     @property
     def duration_s(self) -> float:
@@ -162,6 +168,59 @@ def _load_angle_mins(path: Path, stamps: np.ndarray) -> np.ndarray:
     return np.radians(table[:, 1])
 
 
+def _compose(a: tuple[float, float, float], b: tuple[float, float, float]) -> tuple[float, ...]:
+    c, s = math.cos(a[2]), math.sin(a[2])
+    return (a[0] + c * b[0] - s * b[1], a[1] + s * b[0] + c * b[1], a[2] + b[2])
+
+
+def _load_laser_mount(folder: Path) -> np.ndarray:
+    """The laser's pose on the robot's base, from the folder's ROS bag: the ``/tf_static``
+    transforms from the odometry's child frame (the base) down to the ``/scan`` frame, as a
+    ROS SLAM node takes it from TF. Without a bag the laser sits at the base's centre."""
+    bag = _single(folder, "*.bag", required=False)
+    if bag is None:
+        return np.zeros(3)
+    try:
+        from rosbags.rosbag1 import Reader
+        from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+    except ImportError as exc:
+        raise ImportError(
+            f"{bag}: reading the laser's mount from the bag needs rosbags: pip install rosbags"
+        ) from exc
+    typestore = get_typestore(Stores.ROS1_NOETIC)
+    first: dict[str, Any] = {}
+    parents: dict[str, tuple[str, tuple[float, float, float]]] = {}
+    with Reader(bag) as reader:
+        for conn in reader.connections:
+            # The bag carries its message definitions (tf2_msgs is not in the store).
+            typestore.register(get_types_from_msg(conn.msgdef.data, conn.msgtype))
+        for topic in ("/scan", "/odom", "/tf_static"):
+            conns = [c for c in reader.connections if c.topic == topic]
+            for conn, _t, raw in reader.messages(connections=conns):
+                msg = typestore.deserialize_ros1(raw, conn.msgtype)
+                first.setdefault(topic, msg)
+                if topic != "/tf_static":
+                    break
+                for tf in msg.transforms:
+                    move, turn = tf.transform.translation, tf.transform.rotation
+                    yaw = 2.0 * math.atan2(turn.z, turn.w)  # planar: rotation about z only
+                    parents[tf.child_frame_id] = (tf.header.frame_id, (move.x, move.y, yaw))
+    missing = [topic for topic in ("/scan", "/odom") if topic not in first]
+    if missing:
+        raise ValueError(f"{bag}: no {' or '.join(missing)} message to name the frames")
+    base, frame = first["/odom"].child_frame_id, first["/scan"].header.frame_id
+    mount = (0.0, 0.0, 0.0)
+    while frame != base:
+        if frame not in parents:
+            raise ValueError(
+                f"{bag}: /tf_static does not join the scan frame {frame!r} to the base "
+                f"{base!r} (the odometry's child frame), so the laser's mount is unknown"
+            )
+        frame, link = parents.pop(frame)  # popped: a cycle ends at the error above
+        mount = _compose(link, mount)
+    return np.array(mount)
+
+
 def interpolate_odometry(odometry: np.ndarray, stamps: np.ndarray) -> np.ndarray:
     """Odometry ``[x, y, theta]`` at ``stamps``; theta is unwrapped so it never jumps by 2π.
 
@@ -225,6 +284,7 @@ def load_laser_dataset(folder: Path) -> LaserDataset:
         geometry=geometry,
         angle_min=angle_min,
         relations=relations,
+        laser_mount=_load_laser_mount(folder),
     )
 
 
@@ -330,6 +390,7 @@ def scan_sample(
             "angle_increment": geo.angle_increment,
             "max_range": geo.max_valid_range,
             "odom": [float(v) for v in dataset.odom_at_scans[k]],
+            "laser_mount": [float(v) for v in dataset.laser_mount],
             "t_log": float(dataset.stamps[k]),
             "beams": int(dataset.ranges.shape[1]),
         },
