@@ -342,7 +342,7 @@ class LoopCloser:
         # The window is a few σ of k relative to the keyframe nearest its estimate, but the
         # target holds every visit around it, and the match can land on one the graph is far
         # surer of: MIT Killian's corridor, driven the other way, fits 8.5 m along at the edge
-        # of an 8 m window where the graph puts k within 2 m of the visit it lands on (χ² 85,
+        # of an 8 m window where the graph puts k within 2 m of the visit it lands on (χ² 70-80,
         # docs/slam.md, round 8).
         if not self._plausible(j, k, result.pose, floor):
             return False

@@ -18,9 +18,9 @@ A scan taken while the odometry shows no motion is not matched at all (``ScanEst
 
 Everything inside works on the laser's pose, since the scan's points are in its frame; the
 odometry is of the robot's base. Each scan says where the laser sits on the base (its mount,
-from the recording's ``/tf_static`` or the robot's manifest): the odometry is carried to the
-laser through it (a turn of the base swings a laser mounted ahead of it sideways), and the
-poses handed out are the base's again.
+from the recording's ``/tf_static``; a scan that does not say has it at the centre): the
+odometry is carried to the laser through it (a turn of the base swings a laser mounted ahead
+of it sideways), and the poses handed out are the base's again.
 
 Each scan's pose is stored relative to the keyframe it was matched against, so optimising the
 keyframes moves every scan with them and a pose exists for every scan.
@@ -73,8 +73,8 @@ class SlamConfig:
     odom_noise_scale: float = 2.0
     # The odometry edges of the pose graph: σ is this margin times the learned noise.
     # Cross-validated over {0.5, 1, 2} on two halves of the logs: {intel, mit-killian} picks
-    # 2 (0.5 fails intel, 1 fails MIT Killian: narrower marginals shut its loop windows on
-    # the right pose), {aces, fr-clinic} would pick 0.5 (docs/slam.md, round 8).
+    # 2, the only margin where MIT Killian holds (narrower marginals shut its loop windows on
+    # the right pose), {aces, fr-clinic} would pick 1 (docs/slam.md, round 8).
     odom_edge_noise_scale: float = 2.0
     odom_noise_stretch_units: float = 1.0
     odom_noise_window: int = 100

@@ -180,13 +180,11 @@ def _load_laser_mount(folder: Path) -> np.ndarray:
     bag = _single(folder, "*.bag", required=False)
     if bag is None:
         return np.zeros(3)
-    try:
-        from rosbags.rosbag1 import Reader
-        from rosbags.typesys import Stores, get_types_from_msg, get_typestore
-    except ImportError as exc:
-        raise ImportError(
-            f"{bag}: reading the laser's mount from the bag needs rosbags: pip install rosbags"
-        ) from exc
+    # Imported here: replaying a log without a bag (and the other tasks' images) need no bag
+    # reader.
+    from rosbags.rosbag1 import Reader
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
     typestore = get_typestore(Stores.ROS1_NOETIC)
     first: dict[str, Any] = {}
     parents: dict[str, tuple[str, tuple[float, float, float]]] = {}
