@@ -67,12 +67,18 @@ class OdometryNoise:
         """Straight stretches measured so far: the driving term's samples."""
         return len(self._heading_var)
 
+    @property
+    def learned(self) -> bool:
+        """Whether enough straight stretches are in for the driving term to replace the
+        start values."""
+        return self.samples >= self.config.odom_noise_min_samples
+
     def sigmas(self, step: np.ndarray, margin: float) -> tuple[float, float]:
         """(σ_xy in m, σ_θ in rad) of the odometry over one odometry ``step``: the learned noise
         times ``margin`` (the tracking prior's and the pose graph's odometry edges differ)."""
         cfg = self.config
         dist = float(math.hypot(step[0], step[1]))
-        if self.samples < cfg.odom_noise_min_samples:
+        if not self.learned:
             return (
                 cfg.odom_sigma_xy_base_m + cfg.odom_sigma_xy_factor * dist,
                 cfg.odom_sigma_th_base_rad + cfg.odom_sigma_th_factor * abs(float(step[2])),
