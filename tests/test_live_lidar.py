@@ -54,11 +54,15 @@ def intel() -> tuple[Path, LaserDataset]:
     return folder, load_laser_dataset(folder)
 
 
-def lidar_source(link: Path, odometry_port: int) -> RplidarSource:
-    spec = Rplidar.model_validate(
-        {"kind": "rplidar", "port": str(link), "odometry": {"udp": f"127.0.0.1:{odometry_port}"}}
-    )
-    return RplidarSource("lidar", spec)
+def lidar_source(link: Path, odometry_port: int, mount: list[float] | None = None) -> RplidarSource:
+    spec: dict[str, object] = {
+        "kind": "rplidar",
+        "port": str(link),
+        "odometry": {"udp": f"127.0.0.1:{odometry_port}"},
+    }
+    if mount is not None:
+        spec["mount"] = mount
+    return RplidarSource("lidar", Rplidar.model_validate(spec))
 
 
 def collect(source: RplidarSource, bus: EventBus) -> tuple[list[Fired], list[SourceStateChanged]]:
@@ -85,7 +89,8 @@ def test_live_scans_are_the_logged_scans(intel: tuple[Path, LaserDataset], tmp_p
     folder, dataset = intel
     port = free_port()
     emulator = LidarEmulator(folder, tmp_path / "rplidar", odometry_port=port, speed=SPEED).start()
-    source = lidar_source(tmp_path / "rplidar", port)
+    # Mounted 12 cm ahead of the base's centre, 3 cm right, turned round (cable forward).
+    source = lidar_source(tmp_path / "rplidar", port, mount=[0.12, -0.03, 180.0])
     bus = EventBus()
     try:
         fired, states = collect(source, bus)
@@ -98,6 +103,8 @@ def test_live_scans_are_the_logged_scans(intel: tuple[Path, LaserDataset], tmp_p
         sample = reading.sample
         assert sample.id == k and sample.kind == "scan"
         assert np.array_equal(sample.array(), what_the_lidar_sees(dataset, k)), f"scan {k}"
+        # The mount reaches the SLAM task as the laser replay's samples carry it.
+        assert sample.meta["laser_mount"] == pytest.approx([0.12, -0.03, math.pi])
         topics = [topic for topic, _ in reading.events]
         assert topics == ["sensor.odometry", "sensor.scan"]
     assert source.stats.state == "closed"

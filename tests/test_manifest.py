@@ -439,3 +439,34 @@ def test_a_task_cannot_read_a_source_without_samples(tmp_path: Path, fake_data: 
             "but no samples; give the task a sensor source",
         )
     ]
+
+
+def test_a_lidars_mount_is_three_numbers_in_range(tmp_path: Path) -> None:
+    """``mount`` says where an RPLidar sits on the base ([x m, y m, yaw °]); a pair, or a yaw
+    past a full turn, is refused at the number that is wrong."""
+    path = tmp_path / "sensors.yaml"
+    for mount, expected in (
+        (
+            "[0.1, 0]",
+            (
+                6,
+                12,
+                "sources.lidar.mount: mount must be [x, y, yaw]: metres forward, metres "
+                "left, degrees counter-clockwise, e.g. [0.1, 0.0, 180.0], got [0.1, 0]",
+            ),
+        ),
+        (
+            "[0.1, 0, 400]",
+            (6, 21, "sources.lidar.mount[2] = 400 is out of range: it must be <= 360.0"),
+        ),
+    ):
+        path.write_text(
+            "version: 1\nduration_s: 10\nsources:\n  lidar:\n    kind: rplidar\n"
+            f"    mount: {mount}\n"
+        )
+        assert [(p.line, p.col, p.message) for p in validate_file(path)] == [expected]
+    path.write_text(
+        "version: 1\nduration_s: 10\nsources:\n  lidar:\n    kind: rplidar\n"
+        "    mount: [0.1, 0, 180]\n"
+    )
+    assert validate_file(path) == []

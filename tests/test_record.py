@@ -44,6 +44,7 @@ from tests.test_live_support import (
 CTXROBOT = (sys.executable, "-m", "ctxrobot")
 SECONDS = 8.0  # recorded
 START_S = 26.0  # where the Intel robot starts driving
+MOUNT = [0.1, 0.0, 0.0]  # the lidar 10 cm ahead of the base's centre, as the manifest says
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
                     "kind": "rplidar",
                     "port": str(folder / "rplidar"),
                     "odometry": {"udp": f"127.0.0.1:{port}"},
+                    "mount": MOUNT,
                 },
                 "camera": {"kind": "camera", "device": ip_camera.url, "fps": 10},
                 "mic": {"kind": "microphone", "device": "pulse", "chunk_ms": 100},
@@ -127,6 +129,8 @@ def test_the_recording_is_what_the_sensors_sent(session: tuple[Path, Path]) -> N
     print(f"recorded poses vs the log's: {np.abs(recorded.odom_at_scans - poses).max():.2e} apart")
     assert np.allclose(recorded.odom_at_scans, poses, atol=1e-5)
     assert recorded.stamps[0] == 0.0 and recorded.duration_s > SECONDS - 1.0
+    # Where the lidar sits on the base is part of the recording (laser.yaml's mount_ keys).
+    np.testing.assert_allclose(recorded.laser_mount, MOUNT)
     # Frames: one lossless PNG per index row, at increasing offsets.
     with (out / "camera" / "index.csv").open() as handle:
         index = list(csv.DictReader(handle))
@@ -189,6 +193,7 @@ def test_a_recorded_session_replays_to_the_same_samples(session: tuple[Path, Pat
     assert [s.id for s in scans] == list(range(len(recorded.stamps)))
     for sample, ranges in zip(scans, recorded.ranges, strict=True):
         assert np.array_equal(sample.array(), ranges)
+        assert sample.meta["laser_mount"] == pytest.approx(MOUNT)
     late_lidar = np.array([s.t_sensor - t_play for s in scans]) - recorded.stamps
 
     with (out / "camera" / "index.csv").open() as handle:

@@ -179,6 +179,30 @@ def test_reader_takes_the_lasers_mount_from_the_bags_tf_static(tmp_path: Path) -
         load_laser_dataset(folder)
 
 
+def test_reader_takes_a_mount_from_laser_yaml_and_holds_it_to_the_bag(tmp_path: Path) -> None:
+    """A recording of a live lidar says its mount in laser.yaml (``ctxrobot record`` writes the
+    manifest's): all three keys or none; where the folder also has a bag, the two must agree."""
+    folder = _copy_dataset(require_data("slam/aces"), tmp_path / "aces")
+    yaml = (folder / "laser.yaml").read_text()
+    (folder / "laser.yaml").write_text(yaml + "mount_x_m: 0.22\nmount_y_m: 0.05\n")
+    with pytest.raises(ValueError, match="mount_yaw_deg missing"):
+        load_laser_dataset(folder)
+    (folder / "laser.yaml").write_text(
+        yaml + "mount_x_m: 0.22\nmount_y_m: 0.05\nmount_yaw_deg: 90\n"
+    )
+    np.testing.assert_allclose(
+        load_laser_dataset(folder).laser_mount, [0.22, 0.05, math.pi / 2], atol=1e-12
+    )
+    _bag_with_frames(folder / "aces.bag", [("base_link", "laser", 0.22, 0.05, math.pi / 2)])
+    np.testing.assert_allclose(
+        load_laser_dataset(folder).laser_mount, [0.22, 0.05, math.pi / 2], atol=1e-9
+    )
+    (folder / "aces.bag").unlink()
+    _bag_with_frames(folder / "aces.bag", [("base_link", "laser", 0.3, 0.05, math.pi / 2)])
+    with pytest.raises(ValueError, match=r"disagrees with aces\.bag's /tf_static, x 0\.300 m"):
+        load_laser_dataset(folder)
+
+
 def test_reader_takes_each_scans_start_bearing_from_angle_min_file() -> None:
     """fr-clinic's scanner interleaves four start bearings, 0.25° apart (MANIFEST.md)."""
     ds = load_laser_dataset(require_data("slam/fr-clinic"))

@@ -150,6 +150,28 @@ class Rplidar(BaseModel):
     beams: Annotated[int, Field(ge=90, le=3600)] = 360
     motor_pwm: Annotated[int, Field(ge=0, le=1023)] = 660
     odometry: OdometryFeed | None = None
+    # Where the lidar sits on the robot's base, as a URDF's base_link → laser joint says it:
+    # SLAM carries the base's odometry to the lidar and hands back the base's poses.
+    mount: tuple[
+        Annotated[float, Field(ge=-5.0, le=5.0, allow_inf_nan=False)],
+        Annotated[float, Field(ge=-5.0, le=5.0, allow_inf_nan=False)],
+        Annotated[float, Field(ge=-360.0, le=360.0, allow_inf_nan=False)],
+    ] = Field(
+        (0.0, 0.0, 0.0),
+        description="[x, y, yaw]: metres forward and left of the base's centre, degrees "
+        "counter-clockwise from the base's forward axis to the lidar's (default: centred)",
+    )
+
+    @field_validator("mount", mode="before")
+    @classmethod
+    def _mount_triple(cls, value: object) -> object:
+        # YAML has no tuples; strict mode would reject the list `[0.1, 0, 180]` otherwise.
+        if not isinstance(value, list) or len(value) != 3:
+            raise ValueError(
+                f"mount must be [x, y, yaw]: metres forward, metres left, degrees "
+                f"counter-clockwise, e.g. [0.1, 0.0, 180.0], got {value!r}"
+            )
+        return tuple(value)
 
 
 class PoseOdometry(BaseModel):

@@ -237,6 +237,10 @@ def _write_laser(folder: Path, track: _Track) -> None:
         "lidar,\n# bearings counter-clockwise. A range of no_return_m means no return.\n"
         f"beams: {spec.beams}\nangle_min_deg: -180.0\nangle_increment_deg: "
         f"{360.0 / spec.beams!r}\nno_return_m: {NO_RETURN_M}\nscan_rate_hz: {rate:.3f}\n"
+        "# Where the lidar sits on the robot's base (the manifest's mount): forward, left,\n"
+        "# counter-clockwise.\n"
+        f"mount_x_m: {spec.mount[0]!r}\nmount_y_m: {spec.mount[1]!r}\n"
+        f"mount_yaw_deg: {spec.mount[2]!r}\n"
     )
 
 

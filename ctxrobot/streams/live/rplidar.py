@@ -295,6 +295,8 @@ class RplidarSource(DeviceSource):
         self._link: RplidarLink | None = None
         self._assembler = ScanAssembler(spec.beams, spec.baud)
         self._increment = math.radians(360.0 / spec.beams)
+        x, y, yaw_deg = spec.mount
+        self._mount = [x, y, math.radians(yaw_deg)]  # as the laser replay's samples carry it
 
     def start(self, emit: Emit, t0: float | None = None) -> None:
         if self.odometry is not None:
@@ -352,6 +354,7 @@ class RplidarSource(DeviceSource):
             "angle_increment": self._increment,
             "max_range": NO_RETURN_M,
             "odom": pose,
+            "laser_mount": self._mount,
             "t_log": t,
             "beams": self.spec.beams,
         }

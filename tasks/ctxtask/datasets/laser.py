@@ -6,10 +6,13 @@ A dataset folder (e.g. ``$CTXROBOT_DATA/slam/intel``) holds:
 - ``*_odom.txt``: ``#`` header lines, then ``t x y theta tv rv`` (raw wheel odometry);
 - ``laser.yaml``: ``beams, angle_min_deg, angle_increment_deg, no_return_m, scan_rate_hz``
   and optionally ``angle_min_file``: a file in the folder with ``timestamp_s angle_min_deg`` per
-  scan, for scanners whose start bearing changes from scan to scan (interleaved modes);
+  scan, for scanners whose start bearing changes from scan to scan (interleaved modes), and
+  ``mount_x_m, mount_y_m, mount_yaw_deg``: where the laser sits on the robot's base (forward,
+  left, counter-clockwise; all three or none), as ``ctxrobot record`` writes it;
 - optionally ``*.relations``: ``t1 t2 x y z roll pitch yaw`` (pose of scan 2 in scan 1);
 - optionally the log's ROS 1 bag (``*.bag``), whose ``/tf_static`` says where the laser sits on
-  the robot's base (without one, at its centre).
+  the robot's base (without it or the ``mount_`` keys, at its centre; with both, they must
+  agree).
 
 The host runtime uses this module to replay logs and derive motion context, and the SLAM task
 uses it for evaluation (inside the slam container, which has no PyYAML), so it depends on
@@ -38,6 +41,10 @@ _STAMP_TOLERANCE_S = 1e-3
 _YAML_KEYS = ("beams", "angle_min_deg", "angle_increment_deg", "no_return_m", "scan_rate_hz")
 # laser.yaml keys whose value is a file name, not a number.
 _YAML_FILE_KEYS = ("angle_min_file",)
+# Optional laser.yaml keys: the laser's mount on the base, all three or none.
+_YAML_MOUNT_KEYS = ("mount_x_m", "mount_y_m", "mount_yaw_deg")
+# A mount in laser.yaml and one in the bag are the same when this close (m, rad).
+_MOUNT_TOLERANCE = (1e-3, math.radians(0.01))
 
 
 @dataclass(frozen=True)
@@ -131,8 +138,9 @@ def _parse_flat_yaml(path: Path) -> dict[str, float | str]:
     return doc
 
 
-def _load_geometry(path: Path) -> tuple[LaserGeometry, int, str | None]:
-    """The geometry, the beam count and the per-scan start-bearing file named (if any)."""
+def _load_geometry(path: Path) -> tuple[LaserGeometry, int, str | None, np.ndarray | None]:
+    """The geometry, the beam count, the per-scan start-bearing file named (if any) and the
+    laser's mount on the base (if given: x, y in m, yaw in rad)."""
     doc = _parse_flat_yaml(path)
     missing = [k for k in _YAML_KEYS if k not in doc]
     if missing:
@@ -151,7 +159,18 @@ def _load_geometry(path: Path) -> tuple[LaserGeometry, int, str | None]:
     if beams <= 0 or geometry.angle_increment <= 0 or geometry.max_valid_range <= 0:
         raise ValueError(f"{path}: beams, angle_increment_deg and no_return_m must be > 0")
     angle_file = doc.get("angle_min_file")
-    return geometry, beams, angle_file if isinstance(angle_file, str) else None
+    given = [k for k in _YAML_MOUNT_KEYS if k in doc]
+    mount = None
+    if given:
+        if len(given) < len(_YAML_MOUNT_KEYS):
+            absent = [k for k in _YAML_MOUNT_KEYS if k not in doc]
+            raise ValueError(
+                f"{path}: the laser's mount needs {', '.join(_YAML_MOUNT_KEYS)}; "
+                f"{', '.join(absent)} missing (a laser at the base's centre: leave all three out)"
+            )
+        x, y, yaw_deg = (float(doc[k]) for k in _YAML_MOUNT_KEYS)
+        mount = np.array([x, y, math.radians(yaw_deg)])
+    return geometry, beams, angle_file if isinstance(angle_file, str) else None, mount
 
 
 def _load_angle_mins(path: Path, stamps: np.ndarray) -> np.ndarray:
@@ -173,13 +192,33 @@ def _compose(a: tuple[float, float, float], b: tuple[float, float, float]) -> tu
     return (a[0] + c * b[0] - s * b[1], a[1] + s * b[0] + c * b[1], a[2] + b[2])
 
 
-def _load_laser_mount(folder: Path) -> np.ndarray:
-    """The laser's pose on the robot's base, from the folder's ROS bag: the ``/tf_static``
-    transforms from the odometry's child frame (the base) down to the ``/scan`` frame, as a
-    ROS SLAM node takes it from TF. Without a bag the laser sits at the base's centre."""
+def _load_laser_mount(folder: Path, stated: np.ndarray | None) -> np.ndarray:
+    """The laser's pose on the robot's base: ``stated`` by laser.yaml, or from the folder's
+    ROS bag, the ``/tf_static`` transforms from the odometry's child frame (the base) down to
+    the ``/scan`` frame, as a ROS SLAM node takes it from TF; with both, they must agree.
+    Without either the laser sits at the base's centre."""
     bag = _single(folder, "*.bag", required=False)
     if bag is None:
-        return np.zeros(3)
+        return np.zeros(3) if stated is None else stated
+    from_bag = _bag_laser_mount(bag)
+    if stated is not None:
+        off = np.abs(stated - from_bag)
+        off[2] = abs(math.remainder(float(off[2]), math.tau))
+        if max(off[:2]) > _MOUNT_TOLERANCE[0] or off[2] > _MOUNT_TOLERANCE[1]:
+            raise ValueError(
+                f"{folder / 'laser.yaml'}: its mount {_mount_text(stated)} disagrees with "
+                f"{bag.name}'s /tf_static, {_mount_text(from_bag)}: correct laser.yaml or "
+                "leave its mount_ keys out"
+            )
+    return from_bag
+
+
+def _mount_text(mount: np.ndarray) -> str:
+    return f"x {mount[0]:.3f} m, y {mount[1]:.3f} m, yaw {math.degrees(mount[2]):.2f}°"
+
+
+def _bag_laser_mount(bag: Path) -> np.ndarray:
+    """The laser's pose on the base from a ROS 1 bag's ``/tf_static``."""
     # Imported here: replaying a log without a bag (and the other tasks' images) need no bag
     # reader.
     from rosbags.rosbag1 import Reader
@@ -244,7 +283,7 @@ def load_laser_dataset(folder: Path) -> LaserDataset:
     if not yaml_path.is_file():
         raise ValueError(f"{folder}: missing laser.yaml")
     assert laser_path is not None and odom_path is not None
-    geometry, beams, angle_file = _load_geometry(yaml_path)
+    geometry, beams, angle_file, stated_mount = _load_geometry(yaml_path)
 
     scans = _load_table(laser_path, 2, "laser scan")
     if scans.shape[1] != beams + 1:
@@ -282,7 +321,7 @@ def load_laser_dataset(folder: Path) -> LaserDataset:
         geometry=geometry,
         angle_min=angle_min,
         relations=relations,
-        laser_mount=_load_laser_mount(folder),
+        laser_mount=_load_laser_mount(folder, stated_mount),
     )
 
 
