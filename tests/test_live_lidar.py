@@ -25,7 +25,12 @@ from ctxrobot.model.bus import EventBus
 from ctxrobot.model.events import SourceStateChanged
 from ctxrobot.streams.live.rplidar import NO_RETURN_M, RplidarSource
 from ctxrobot.streams.source import Fired
-from ctxtask.datasets.laser import LaserDataset, load_laser_dataset
+from ctxtask.datasets.laser import (
+    LaserDataset,
+    load_laser_dataset,
+    relative_poses,
+    scan_sample,
+)
 from tests.conftest import require_data
 from tests.test_live_support import (
     SWITCH_INTERVAL_S,
@@ -72,6 +77,26 @@ def collect(source: RplidarSource, bus: EventBus) -> tuple[list[Fired], list[Sou
     source.attach(bus)
     source.start(lambda _name, f: fired.append(f))
     return fired, states
+
+
+def play_live(
+    log: Path, source: RplidarSource, odometry_port: int, scans: int, speed: float, start_s: float
+) -> list[Fired]:
+    """The first ``scans`` live scans ``source`` reads from the emulator playing ``log`` from
+    ``start_s`` on the source's port (the emulator sends its odometry to ``odometry_port``)."""
+    link = Path(source.spec.port)
+    emulator = LidarEmulator(
+        log, link, odometry_port=odometry_port, speed=speed, start_s=start_s
+    ).start()
+    try:
+        fired, _ = collect(source, EventBus())
+        # The log runs at ~5 scans a second; three times that, and time to open the port.
+        timeout_s = 30.0 + 3.0 * scans / (5.0 * speed)
+        wait_until(lambda: len(fired) >= scans, timeout_s, f"{scans} live scans")
+    finally:
+        source.stop()
+        emulator.stop()
+    return fired
 
 
 def what_the_lidar_sees(dataset: LaserDataset, k: int) -> np.ndarray:
@@ -168,21 +193,11 @@ def test_slam_on_the_live_stream_matches_slam_on_the_replay(
     from slam.mapper import Slam, SlamConfig
 
     folder, dataset = intel
-    from ctxtask.datasets.laser import scan_sample
-
     scans, start_s = 200, 26.0  # 40 s from where the robot starts driving (the default scenario)
     first = int(np.searchsorted(dataset.stamps, dataset.stamps[0] + start_s))
     port = free_port()
-    emulator = LidarEmulator(
-        folder, tmp_path / "rplidar", odometry_port=port, speed=2.0, start_s=start_s
-    ).start()
     source = lidar_source(tmp_path / "rplidar", port)
-    try:
-        fired, _ = collect(source, EventBus())
-        wait_until(lambda: len(fired) >= scans, 180, f"{scans} live scans")
-    finally:
-        source.stop()
-        emulator.stop()
+    fired = play_live(folder, source, port, scans, speed=2.0, start_s=start_s)
 
     def trajectory(samples: list) -> np.ndarray:
         slam = Slam(SlamConfig())
@@ -244,3 +259,43 @@ def test_a_device_answering_garbage_is_a_fault(tmp_path: Path) -> None:
     print(failure)
     assert "not an RPLidar" in failure or "garbage" in failure
     assert not fired
+
+
+def test_a_lidar_without_odometry_says_so_and_slam_follows_it(
+    intel: tuple[Path, LaserDataset], tmp_path: Path
+) -> None:
+    """No odometry feed: each scan carries ``odom: None`` and no ``Odometry`` event (zeros
+    said the robot stood at the origin, and SLAM shed every scan as standing still). SLAM on
+    the live scans then follows the robot: where it ends up relative to where it started is
+    where SLAM with the odometry puts it on the same scans replayed, within 0.1 m and 2° (the
+    raw odometry itself is 20° off after these 200 scans)."""
+    pytest.importorskip("scipy")
+    from slam.task import SlamTask
+
+    folder, dataset = intel
+    scans, start_s = 200, 26.0
+    first = int(np.searchsorted(dataset.stamps, dataset.stamps[0] + start_s))
+    spec = Rplidar.model_validate({"kind": "rplidar", "port": str(tmp_path / "rplidar")})
+    source = RplidarSource("lidar", spec)
+    fired = play_live(folder, source, free_port(), scans, speed=SPEED, start_s=start_s)
+    for reading in fired[:scans]:
+        assert reading.sample.meta["odom"] is None
+        assert [topic for topic, _ in reading.events] == ["sensor.scan"]
+    task = SlamTask()
+    task.setup({})
+    task.initialise()
+    results = [task.update(reading.sample) for reading in fired[:scans]]
+    task.terminate()
+    assert not any("shed" in result for result in results)
+    poses = np.array([result["pose"] for result in results])
+    with_odometry = SlamTask()
+    with_odometry.setup({})
+    with_odometry.initialise()
+    replayed = [scan_sample(dataset, first + k) for k in range(scans)]
+    reference = np.array([with_odometry.update(sample)["pose"] for sample in replayed])
+    slam_moved = relative_poses(poses[[0]], poses[[-1]])[0]
+    reference_moved = relative_poses(reference[[0]], reference[[-1]])[0]
+    print(f"\nwithout odometry SLAM moved {slam_moved}, with it {reference_moved}")
+    assert np.hypot(*reference_moved[:2]) > 2.0
+    assert np.hypot(*(slam_moved[:2] - reference_moved[:2])) <= 0.1
+    assert abs(math.remainder(slam_moved[2] - reference_moved[2], math.tau)) <= math.radians(2)

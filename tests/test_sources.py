@@ -56,6 +56,23 @@ def test_laser_replay_timeline_on_intel() -> None:
     assert max(speeds) > 0.2
 
 
+def test_a_laser_log_without_odometry_replays_scans_that_say_so(tmp_path: Path) -> None:
+    """A recording of a lidar without an odometry feed has an odometry file without rows: the
+    replayed scans carry ``odom: None`` and no ``Odometry`` event, as the live source sent."""
+    intel = require_data("slam/intel")
+    folder = tmp_path / "no-odometry"
+    folder.mkdir()
+    for name in ("intel_laser.txt.gz", "laser.yaml"):
+        (folder / name).write_bytes((intel / name).read_bytes())
+    (folder / "intel_odom.txt").write_text("# the pose each scan carried; none: no feed\n")
+    ticks = list(LaserReplay("lidar", folder, start_s=26.0).timeline(2.0))
+    assert len(ticks) >= 5
+    for tick in ticks:
+        fired = tick.fire(100.0, 0)
+        assert [topic for topic, _ in fired.events] == ["sensor.scan"]
+        assert fired.sample.meta["odom"] is None
+
+
 def test_camera_replay_shows_scheduled_signs_between_idle_scenes() -> None:
     images = require_data("signs/road-sign-detection-subset/images")
     idle = sorted(images.glob("road1*.png"))[:3]

@@ -226,10 +226,14 @@ def _write_laser(folder: Path, track: _Track) -> None:
             # %.9g writes a float32 exactly: the replay reads back the same payload.
             laser.write(f"{offset:.6f} " + " ".join(f"{r:.9g}" for r in ranges) + "\n")
     with (folder / f"{track.name}_odom.txt").open("w") as odom:
-        odom.write(f"# {track.name}: the pose each scan carried (zeros: no odometry feed)\n")
+        # A scan without a pose (no feed, or it fell silent) has no row: the reader takes a
+        # file without rows as a robot without odometry, and interpolates over a gap.
+        odom.write(f"# {track.name}: the pose each scan carried; none: no odometry feed\n")
         odom.write("# columns: timestamp_s x_m y_m theta_rad tv_m_per_s rv_rad_per_s\n")
-        for offset, _, (x, y, theta), (v, w) in track.rows:
-            odom.write(f"{offset:.6f} {x:.9g} {y:.9g} {theta:.9g} {v:.9g} {w:.9g}\n")
+        for offset, _, pose, (v, w) in track.rows:
+            if pose is not None:
+                x, y, theta = pose
+                odom.write(f"{offset:.6f} {x:.9g} {y:.9g} {theta:.9g} {v:.9g} {w:.9g}\n")
     stamps = [row[0] for row in track.rows]
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
     (folder / "laser.yaml").write_text(

@@ -56,6 +56,8 @@ def pose_velocities(
     not every log fills them (the Intel log's tv/rv are all zero), while every log has
     poses. Columns of `odometry`: t, x, y, theta, …
     """
+    if len(odometry) == 0:  # a log without odometry (a lidar recorded without a feed)
+        return np.zeros(len(stamps)), np.zeros(len(stamps))
     t, x, y = odometry[:, 0], odometry[:, 1], odometry[:, 2]
     theta = np.unwrap(odometry[:, 3])
     before = stamps - window_s
@@ -95,20 +97,19 @@ class LaserReplay:
             def fire(
                 now: float,
                 sid: int,
-                odom: list[float] = odom,
+                odom: list[float] | None = odom,
                 vi: float = vi,
                 wi: float = wi,
                 template: Sample = template,
                 min_range: float = min_range,
             ) -> Fired:
                 # Odometry feeds the motion context, the scan summary the obstacle context.
-                return Fired(
-                    (
-                        ("sensor.odometry", Odometry(self.name, now, *odom, v=vi, w=wi)),
-                        ("sensor.scan", LaserScan(self.name, now, min_range)),
-                    ),
-                    dataclasses.replace(template, id=sid, t_sensor=now),
-                )
+                scan = ("sensor.scan", LaserScan(self.name, now, min_range))
+                events: tuple[tuple[str, object], ...] = (scan,)
+                if odom is not None:
+                    odometry = Odometry(self.name, now, *odom, v=vi, w=wi)
+                    events = (("sensor.odometry", odometry), scan)
+                return Fired(events, dataclasses.replace(template, id=sid, t_sensor=now))
 
             yield Tick(offset, self.name, fire)
 

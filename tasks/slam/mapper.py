@@ -207,7 +207,8 @@ class Slam:
         self.still_scans = 0
         self._scan_ref: list[int] = []  # keyframe index each scan's pose is relative to
         self._scan_rel: list[np.ndarray] = []
-        self._keyframe_odom: list[np.ndarray] = []  # the laser's odometry pose at each keyframe
+        # The laser's odometry pose at each keyframe (None where the robot had none).
+        self._keyframe_odom: list[np.ndarray | None] = []
         # Odometry edges (i, j, motion) waiting for the odometry's noise to be learned.
         self._pending_odometry: list[tuple[int, int, np.ndarray]] = []
         # Where the laser sits on the robot's base, and back: set by the first scan.
@@ -269,14 +270,19 @@ class Slam:
     def process(
         self,
         ranges: np.ndarray,
-        odom: np.ndarray,
+        odom: np.ndarray | None,
         angle_min: float,
         angle_increment: float,
         max_range: float,
         laser_mount: Sequence[float] = (0.0, 0.0, 0.0),
     ) -> ScanEstimate:
         """Estimate the base's pose at one scan; ``odom`` is the wheel odometry pose of the base
-        at its stamp, ``laser_mount`` the laser's pose on the base (x, y in m, yaw in rad)."""
+        at its stamp (None: this robot has none, or its feed fell silent), ``laser_mount`` the
+        laser's pose on the base (x, y in m, yaw in rad).
+
+        Without odometry the scan is predicted where the last scan's motion would carry it
+        (constant velocity), held there by the start prior, and always matched: nothing says
+        the robot stands still."""
         cfg = self.config
         mount = np.asarray(laser_mount, dtype=np.float64)
         if self._mount is None:
@@ -287,7 +293,8 @@ class Slam:
                 f"the laser's mount changed from {self._mount.tolist()} to {mount.tolist()} "
                 "within one stream: a map is built from one laser on one robot"
             )
-        odom = compose(np.asarray(odom, dtype=np.float64), mount)
+        if odom is not None:
+            odom = compose(np.asarray(odom, dtype=np.float64), mount)
         self._advance_optimisation()
 
         # Fitting the scan's points and normals is the costly part of an update; a parked
@@ -299,37 +306,52 @@ class Slam:
             )
 
         if not self.keyframes:
-            self._add_keyframe(odom.copy(), odom, scan())
+            start = np.zeros(3) if odom is None else odom.copy()
+            self._add_keyframe(start, odom, scan())
             self._record_scan(0, np.zeros(3))
             self._last_odom = self._matched_odom = odom
-            return ScanEstimate(compose(odom, self._laser_to_base), still=False)
+            return ScanEstimate(compose(start, self._laser_to_base), still=False)
 
-        assert self._last_odom is not None and self._matched_odom is not None
-        step = between(self._last_odom, odom)
+        last = self.laser_pose(self.num_scans - 1)
+        if odom is not None and self._last_odom is not None:
+            step = between(self._last_odom, odom)
+        elif self.num_scans > 1:
+            # Constant velocity: the motion between the last two scans, once more. (After a
+            # gap in the odometry its first pose has no predecessor to step from either.)
+            step = between(self.laser_pose(self.num_scans - 2), last)
+        else:
+            step = np.zeros(3)
         self._path_m += float(np.hypot(step[0], step[1]))
         self._last_odom = odom
-        prediction = compose(self.laser_pose(self.num_scans - 1), step)
+        prediction = compose(last, step)
 
-        since = between(self._matched_odom, odom)
-        still = np.hypot(since[0], since[1]) < cfg.still_distance_m and abs(since[2]) < (
-            cfg.still_angle_rad
-        )
+        still = False
+        if odom is not None and self._matched_odom is not None:
+            since = between(self._matched_odom, odom)
+            still = np.hypot(since[0], since[1]) < cfg.still_distance_m and abs(since[2]) < (
+                cfg.still_angle_rad
+            )
         if still:
             pose = prediction
             self.still_scans += 1
         else:
             pose = self._track(scan(), prediction, step)
-            self.odometry_noise.observe(odom, between(self._matched_odom, odom), scan())
-            self._matched_odom = odom
+            if odom is not None:
+                if self._matched_odom is not None:
+                    motion = between(self._matched_odom, odom)
+                    self.odometry_noise.observe(odom, motion, scan())
+                self._matched_odom = odom
 
         ref = len(self.keyframes) - 1
         rel = between(self.graph.poses[ref], pose)
         if np.hypot(rel[0], rel[1]) > cfg.keyframe_distance_m or abs(rel[2]) > (
             cfg.keyframe_angle_rad
         ):
+            ref_odom = self._keyframe_odom[ref]
             k = self._add_keyframe(pose, odom, scan())
             self.graph.add_edge(ref, k, rel, self._seq_info, robust=False)
-            self._pending_odometry.append((ref, k, between(self._keyframe_odom[ref], odom)))
+            if odom is not None and ref_odom is not None:
+                self._pending_odometry.append((ref, k, between(ref_odom, odom)))
             if self.odometry_noise.learned:
                 self._add_odometry_edges()
             self._record_scan(k, np.zeros(3))
@@ -345,7 +367,7 @@ class Slam:
         self._scan_ref.append(ref)
         self._scan_rel.append(rel)
 
-    def _add_keyframe(self, pose: np.ndarray, odom: np.ndarray, scan: ScanPoints) -> int:
+    def _add_keyframe(self, pose: np.ndarray, odom: np.ndarray | None, scan: ScanPoints) -> int:
         self.keyframes.append(scan)
         self._keyframe_odom.append(odom)
         self._kf_path.append(self._path_m)

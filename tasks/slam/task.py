@@ -18,7 +18,9 @@ class SlamTask(Task):
     """2D graph SLAM over ``scan`` samples.
 
     A scan's meta gives its geometry (``angle_min``, ``angle_increment``, ``max_range``), the
-    base's wheel odometry (``odom``) and, when the laser is not at the base's centre, its
+    base's wheel odometry (``odom``; None or absent: the robot has none, or its feed fell
+    silent, and the scan is matched from the last motion) and, when the laser is not at the
+    base's centre, its
     mount (``laser_mount``: x, y in m and yaw in rad on the base). Poses are the base's.
 
     Config keys: ``map_out`` (folder for ``map.png`` + ``map.yaml`` at the end of a stream),
@@ -51,9 +53,10 @@ class SlamTask(Task):
             raise ValueError(f"slam task takes 'scan' samples, got {sample.kind!r}")
         t0 = time.process_time()
         meta = sample.meta
+        odom = meta.get("odom")
         estimate = self.slam.process(
             sample.array(),
-            np.asarray(meta["odom"], dtype=np.float64),
+            None if odom is None else np.asarray(odom, dtype=np.float64),
             float(meta["angle_min"]),
             float(meta["angle_increment"]),
             float(meta["max_range"]),

@@ -131,8 +131,8 @@ class Emulator:
             return
         while self.next_scan < len(self.dataset.stamps) and self._due(self.next_scan) <= now:
             self.last_due = self._due(self.next_scan)
-            if self.odometry is not None:
-                x, y, theta = self.dataset.odom_at_scans[self.next_scan]
+            x, y, theta = self.dataset.odom_at_scans[self.next_scan]
+            if self.odometry is not None and np.isfinite(x):  # NaN: the log has no odometry
                 sock, address = self.odometry
                 sock.sendto(f"{x:.6f} {y:.6f} {theta:.6f}\n".encode(), address)
             if self.scanning:

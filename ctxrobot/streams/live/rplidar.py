@@ -339,12 +339,14 @@ class RplidarSource(DeviceSource):
     def _send(self, scan: Scan) -> None:
         t = scan.t_capture
         motion = self.odometry.pose_at(t) if self.odometry is not None else None
-        pose = motion[0] if motion is not None else [0.0, 0.0, 0.0]
+        # No feed, or none heard yet: the scan says so, and SLAM matches it from the last motion
+        # (zeros would say the robot stands still at the origin).
+        pose = motion[0] if motion is not None else None
         valid = scan.ranges[scan.ranges < NO_RETURN_M]
         events: list[tuple[str, object]] = []
         if motion is not None:
             events.append(
-                ("sensor.odometry", Odometry(self.name, t, *pose, v=motion[1], w=motion[2]))
+                ("sensor.odometry", Odometry(self.name, t, *motion[0], v=motion[1], w=motion[2]))
             )
         events.append(
             ("sensor.scan", LaserScan(self.name, t, float(valid.min()) if valid.size else math.inf))

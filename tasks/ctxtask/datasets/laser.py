@@ -3,7 +3,8 @@
 A dataset folder (e.g. ``$CTXROBOT_DATA/slam/intel``) holds:
 
 - ``*_laser.txt.gz``: two ``#`` header lines, then ``timestamp r_0 … r_{B-1}`` per scan;
-- ``*_odom.txt``: ``#`` header lines, then ``t x y theta tv rv`` (raw wheel odometry);
+- ``*_odom.txt``: ``#`` header lines, then ``t x y theta tv rv`` (raw wheel odometry); no
+  rows: the robot had none (a recording of a lidar without an odometry feed);
 - ``laser.yaml``: ``beams, angle_min_deg, angle_increment_deg, no_return_m, scan_rate_hz``
   and optionally ``angle_min_file``: a file in the folder with ``timestamp_s angle_min_deg`` per
   scan, for scanners whose start bearing changes from scan to scan (interleaved modes), and
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +66,9 @@ class LaserDataset:
     name: str
     stamps: np.ndarray  # (N,) float64 scan timestamps, s
     ranges: np.ndarray  # (N, B) float32, m
-    odom_at_scans: np.ndarray  # (N, 3) odometry [x, y, theta] interpolated at scan stamps
-    odometry: np.ndarray  # (M, 6) raw [t, x, y, theta, tv, rv]
+    # (N, 3) odometry [x, y, theta] interpolated at scan stamps; NaN without odometry
+    odom_at_scans: np.ndarray
+    odometry: np.ndarray  # (M, 6) raw [t, x, y, theta, tv, rv]; no rows without odometry
     geometry: LaserGeometry
     angle_min: np.ndarray  # (N,) rad, bearing of beam 0 of each scan
     relations: np.ndarray | None  # (K, 5) [t1, t2, dx, dy, dyaw] or None
@@ -91,13 +94,18 @@ def _single(folder: Path, pattern: str, required: bool) -> Path | None:
     return matches[0]
 
 
-def _load_table(path: Path, min_cols: int, what: str) -> np.ndarray:
+def _load_table(path: Path, min_cols: int, what: str, may_be_empty: bool = False) -> np.ndarray:
     """Load a whitespace table with ``#`` comments; errors name the file and the problem."""
     try:
-        table = np.loadtxt(path, comments="#", dtype=np.float64, ndmin=2)
+        with warnings.catch_warnings():
+            # A file without rows is handled below, by name, instead of warned about.
+            warnings.filterwarnings("ignore", "loadtxt: input contained no data")
+            table = np.loadtxt(path, comments="#", dtype=np.float64, ndmin=2)
     except (ValueError, OSError, EOFError) as exc:  # ragged/non-numeric rows, broken gzip
         raise ValueError(f"{path}: malformed {what}: {exc}") from exc
     if table.shape[0] == 0:
+        if may_be_empty:
+            return np.zeros((0, min_cols))
         raise ValueError(f"{path}: no {what} rows")
     if table.shape[1] < min_cols:
         raise ValueError(
@@ -302,7 +310,7 @@ def load_laser_dataset(folder: Path) -> LaserDataset:
     else:
         angle_min = _load_angle_mins(folder / angle_file, stamps)
 
-    odometry = _load_table(odom_path, 6, "odometry")[:, :6]
+    odometry = _load_table(odom_path, 6, "odometry", may_be_empty=True)[:, :6]
     if np.any(np.diff(odometry[:, 0]) < 0):
         raise ValueError(f"{odom_path}: timestamps not sorted")
 
@@ -316,7 +324,11 @@ def load_laser_dataset(folder: Path) -> LaserDataset:
         name=folder.name,
         stamps=stamps,
         ranges=ranges,
-        odom_at_scans=interpolate_odometry(odometry, stamps),
+        odom_at_scans=(
+            interpolate_odometry(odometry, stamps)
+            if len(odometry)
+            else np.full((len(stamps), 3), np.nan)
+        ),
         odometry=odometry,
         geometry=geometry,
         angle_min=angle_min,
@@ -412,6 +424,11 @@ def score_run(results: Sequence[Mapping[str, Any]], dataset_dir: Path) -> dict[s
     return {"slam_trans_error_m": trans, "slam_rot_error_deg": rot, "relations": int(both.sum())}
 
 
+def _odometry_meta(pose: np.ndarray) -> list[float] | None:
+    """A scan sample's ``odom``: the pose, or None where the log has no odometry."""
+    return [float(v) for v in pose] if np.all(np.isfinite(pose)) else None
+
+
 def scan_sample(
     dataset: LaserDataset, k: int, *, sample_id: int | None = None, t_sensor: float | None = None
 ) -> Sample:
@@ -426,7 +443,7 @@ def scan_sample(
             "angle_min": float(dataset.angle_min[k]),
             "angle_increment": geo.angle_increment,
             "max_range": geo.max_valid_range,
-            "odom": [float(v) for v in dataset.odom_at_scans[k]],
+            "odom": _odometry_meta(dataset.odom_at_scans[k]),
             "laser_mount": [float(v) for v in dataset.laser_mount],
             "t_log": float(dataset.stamps[k]),
             "beams": int(dataset.ranges.shape[1]),
