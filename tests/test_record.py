@@ -250,3 +250,39 @@ def test_ctxrobot_run_plays_the_recording_unchanged(session: tuple[Path, Path]) 
     for task in ("slam", "signs", "speech"):
         print(task, summary["tasks"][task]["samples"], "samples")
         assert summary["tasks"][task]["samples"] > 0
+
+
+def test_a_lidar_without_odometry_is_recorded_and_replayed_without_it(tmp_path: Path) -> None:
+    """No odometry feed: the recording's odometry file has no rows (zeros would replay as a
+    robot parked at the origin), and its scans replay with ``odom: None`` and no
+    ``Odometry`` event, as the live lidar sent them."""
+    data = require_data()
+    emulator = LidarEmulator(
+        data / "slam" / "intel", tmp_path / "rplidar", odometry_port=free_port(), start_s=START_S
+    ).start()
+    manifest = write_live_manifest(
+        tmp_path,
+        data,
+        {"lidar": {"kind": "rplidar", "port": str(tmp_path / "rplidar")}},
+        task_entry("slam", "ctxrobot/slam", "lidar"),
+    )
+    out = tmp_path / "session"
+    try:
+        proc = subprocess.run(
+            [*CTXROBOT, "record", "--config", str(manifest), "--out", str(out), "--duration", "4"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        emulator.stop()
+    assert proc.returncode == 0, proc.stderr
+    recorded = load_laser_dataset(out / "lidar")
+    assert len(recorded.stamps) >= 10
+    assert len(recorded.odometry) == 0 and np.isnan(recorded.odom_at_scans).all()
+    got, _ = replay(out / "scenario.yaml", data)
+    assert len(got["lidar"]) == len(recorded.stamps)
+    for fired in got["lidar"]:
+        assert fired.sample.meta["odom"] is None
+        assert [topic for topic, _ in fired.events] == ["sensor.scan"]
