@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from ctxtask.datasets.laser import (
+    LaserDataset,
     interpolate_odometry,
     load_laser_dataset,
     relation_errors,
@@ -503,6 +504,20 @@ def test_evaluate_without_relations_still_runs(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------- shedding, in the loop
+def _feed(slam: Slam, ds: LaserDataset, scans: range) -> None:
+    """Scans ``scans`` of the log into ``slam``, with their odometry and the log's mount."""
+    g = ds.geometry
+    for k in scans:
+        slam.process(
+            ds.ranges[k],
+            ds.odom_at_scans[k],
+            float(ds.angle_min[k]),
+            g.angle_increment,
+            81.0,
+            ds.laser_mount,
+        )
+
+
 def test_the_pose_is_the_bases_when_the_laser_sits_ahead_of_it() -> None:
     """fr-clinic's laser is 0.22 m ahead of the base. The odometry is carried to the laser
     and the poses handed back are the base's: the first is the odometry's own, every later
@@ -516,15 +531,7 @@ def test_the_pose_is_the_bases_when_the_laser_sits_ahead_of_it() -> None:
         ds.ranges[0], ds.odom_at_scans[0], float(ds.angle_min[0]), g.angle_increment, 81.0, mount
     )
     np.testing.assert_allclose(first.pose, ds.odom_at_scans[0], atol=1e-12)
-    for k in range(1, 60):
-        slam.process(
-            ds.ranges[k],
-            ds.odom_at_scans[k],
-            float(ds.angle_min[k]),
-            g.angle_increment,
-            81.0,
-            mount,
-        )
+    _feed(slam, ds, range(1, 60))
     base = slam.trajectory()
     laser = np.array([slam.laser_pose(k) for k in range(slam.num_scans)])
     np.testing.assert_allclose(compose(base, np.broadcast_to(mount, base.shape)), laser, atol=1e-9)
@@ -554,26 +561,13 @@ def test_the_odometry_joins_the_keyframes_once_its_noise_is_learned() -> None:
     keyframes far more loosely than its odometry deserves (a fifth of a degree) for the rest
     of the run. A map finished before anything is learned still gets every odometry edge."""
     ds = load_laser_dataset(require_data("slam/fr-clinic"))
-    g = ds.geometry
-
-    def feed(slam: Slam, scans: range) -> None:
-        for k in scans:
-            slam.process(
-                ds.ranges[k],
-                ds.odom_at_scans[k],
-                float(ds.angle_min[k]),
-                g.angle_increment,
-                81.0,
-                ds.laser_mount,
-            )
-
     slam = Slam()
-    feed(slam, range(300))
+    _feed(slam, ds, range(300))
     assert not slam.odometry_noise.learned
     keyframes = len(slam.keyframes)
     assert keyframes > 100
     assert _consecutive_joins(slam) == [(k, k + 1) for k in range(keyframes - 1)]
-    feed(slam, range(300, 800))
+    _feed(slam, ds, range(300, 800))
     assert slam.odometry_noise.learned
     keyframes = len(slam.keyframes)
     pairs = [(k, k + 1) for k in range(keyframes - 1)]
@@ -586,7 +580,7 @@ def test_the_odometry_joins_the_keyframes_once_its_noise_is_learned() -> None:
     assert odometry_sigma < 0.5
 
     unlearned = Slam()
-    feed(unlearned, range(100))
+    _feed(unlearned, ds, range(100))
     unlearned.finish()
     keyframes = len(unlearned.keyframes)
     assert _consecutive_joins(unlearned) == sorted([(k, k + 1) for k in range(keyframes - 1)] * 2)
@@ -644,9 +638,7 @@ def test_a_closure_the_graph_disagrees_with_is_rejected() -> None:
     """
     ds = load_laser_dataset(require_data("slam/intel"))
     slam = Slam()
-    g = ds.geometry
-    for k in range(2500):
-        slam.process(ds.ranges[k], ds.odom_at_scans[k], g.angle_min, g.angle_increment, 81.0)
+    _feed(slam, ds, range(2500))
     slam.finish()
     accepted, rejected = slam.loop_closures, slam.rejected_closures
     assert accepted >= 10
@@ -744,14 +736,10 @@ def test_the_odometry_noise_learned_online_tells_a_good_odometry_from_a_poor_one
     learned = {}
     for name in ("intel", "fr-clinic"):
         ds = load_laser_dataset(require_data(f"slam/{name}"))
-        g = ds.geometry
         slam = Slam()
         margin = slam.config.odom_noise_scale
         start = slam.odometry_noise.sigmas(np.array([0.2, 0.0, 0.0]), margin)
-        for k in range(1500):
-            slam.process(
-                ds.ranges[k], ds.odom_at_scans[k], float(ds.angle_min[k]), g.angle_increment, 81.0
-            )
+        _feed(slam, ds, range(1500))
         assert slam.odometry_noise.samples >= slam.config.odom_noise_min_samples
         _, sigma_th = slam.odometry_noise.sigmas(np.array([0.2, 0.0, 0.0]), margin)
         learned[name] = math.degrees(sigma_th)

@@ -336,10 +336,9 @@ class Slam:
             self.still_scans += 1
         else:
             pose = self._track(scan(), prediction, step)
+            if odom is not None and self._matched_odom is not None:
+                self.odometry_noise.observe(odom, between(self._matched_odom, odom), scan())
             if odom is not None:
-                if self._matched_odom is not None:
-                    motion = between(self._matched_odom, odom)
-                    self.odometry_noise.observe(odom, motion, scan())
                 self._matched_odom = odom
 
         ref = len(self.keyframes) - 1

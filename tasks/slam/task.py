@@ -20,8 +20,8 @@ class SlamTask(Task):
     A scan's meta gives its geometry (``angle_min``, ``angle_increment``, ``max_range``), the
     base's wheel odometry (``odom``; None or absent: the robot has none, or its feed fell
     silent, and the scan is matched from the last motion) and, when the laser is not at the
-    base's centre, its
-    mount (``laser_mount``: x, y in m and yaw in rad on the base). Poses are the base's.
+    base's centre, its mount (``laser_mount``: x, y in m and yaw in rad on the base). Poses
+    are the base's.
 
     Config keys: ``map_out`` (folder for ``map.png`` + ``map.yaml`` at the end of a stream),
     ``map_resolution`` (m per cell, default 0.05) and ``slam`` (overrides of
