@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from ctxrobot.actuate.docker import DockerBackend
+from ctxrobot.observe.readers import summarize
 from ctxrobot.service.control import ControlClient, ControlError
 from tests.conftest import REPO, require_checkout_open_to_others, require_data, require_image
 
@@ -120,6 +121,8 @@ class Daemon:
                 "json",
                 "--metrics-port",
                 "0",
+                "--keep",
+                "24",  # as config/systemd/ctxrobot.service runs it
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -173,6 +176,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         assert not containers_of(run_id), "SIGTERM leaves no container behind"
         with sqlite3.connect(d.out / "run.db") as conn:
             assert conn.execute("select count(*) from samples").fetchone()[0] > 0
+        # The window reached the run database; a run this short prunes nothing.
+        retention = summarize(d.out)["retention"]
+        assert retention == {"keep_s": 24 * 3600.0, "kept_from_s": None, "rows_pruned": 0}
 
 
 def test_status_over_the_socket(daemon: Daemon) -> None:

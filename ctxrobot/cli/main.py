@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import signal
 import sys
@@ -92,6 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             only_tasks=only,
             cpus=args.cpus,
             memory_bytes=args.memory,
+            keep_s=args.keep,
         ),
     )
     status = EXIT_OK
@@ -134,6 +136,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             operator_group=args.operator_group,
             policy=args.policy,
             metrics_port=args.metrics_port,
+            keep_s=args.keep,
         )
     )
     with _StopOnSignal(daemon.request_stop):
@@ -279,6 +282,24 @@ def _add_robot_options(p: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="serve Prometheus metrics on 127.0.0.1:PORT (0: any free port, logged)",
     )
+    p.add_argument(
+        "--keep",
+        type=hours_arg,
+        metavar="HOURS",
+        help="keep only the last HOURS of events in run.db (e.g. 24 or 0.5): a robot records "
+        "about 75 MB an hour; such a run cannot be replayed (default: keep everything)",
+    )
+
+
+def hours_arg(text: str) -> float:
+    """An argparse type: a positive number of hours → seconds."""
+    try:
+        hours = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours") from None
+    if not (hours > 0 and math.isfinite(hours)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of hours")
+    return hours * 3600.0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -144,6 +144,24 @@ def _recording(run: sqlite3.Row) -> dict[str, Any] | None:
     return None if text is None else json.loads(text)
 
 
+def _retention(conn: sqlite3.Connection, t0: float) -> dict[str, Any] | None:
+    """The run's retention window (`--keep`) and what it pruned; None: the whole run is
+    kept (or it was recorded before windows existed)."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    if "retention" not in tables:
+        return None
+    row = conn.execute("SELECT keep_s, kept_from, rows_pruned FROM retention").fetchone()
+    if row is None:
+        return None
+    keep_s, kept_from, pruned = row
+    return {
+        "keep_s": keep_s,
+        # Seconds since t0 before which events were pruned (None: nothing was yet).
+        "kept_from_s": None if kept_from is None else kept_from - t0,
+        "rows_pruned": pruned,
+    }
+
+
 def _task_names(conn: sqlite3.Connection) -> list[str]:
     """Tasks from the manifest first (in its order), then any that only appear in data."""
     names = [r[0] for r in conn.execute("SELECT name FROM tasks ORDER BY rowid")]
@@ -171,11 +189,16 @@ def _timeline(conn: sqlite3.Connection, run: sqlite3.Row) -> tuple[float, float]
     """(start, end) in seconds since t0 that a plot of the run must cover.
 
     Normally (0, duration); wider when events were stamped before t0 (containers starting
-    up) or after the recorded duration (results in flight at the end, take-down).
+    up) or after the recorded duration (results in flight at the end, take-down). A run
+    whose retention window pruned its beginning starts where the window does (the state
+    rows it kept from before hold from there on).
     """
     first, last = _event_t(conn, "min"), _event_t(conn, "max")
     t0 = run["t0"]
     start = min(0.0, 0.0 if first is None else first - t0)
+    retention = _retention(conn, t0)
+    if retention is not None and retention["kept_from_s"] is not None:
+        start = retention["kept_from_s"]
     end = max(run["duration_s"] or 0.0, 0.0 if last is None else last - t0)
     return start, end
 
@@ -185,7 +208,9 @@ def summarize(db_path: str | Path) -> dict[str, Any]:
 
     A run that is still going (or was killed before `close`) has no duration yet; it is
     then the time from t0 to the last recorded event. `recording` says how many rows the
-    writer could not store (None for a live run, or one recorded before it was kept).
+    writer could not store (None for a live run, or one recorded before it was kept);
+    `retention` the window a run that keeps one has kept (samples, drops and actuations
+    then count only within it).
     """
     with reading(db_path) as conn:
         run = _run_row(conn)
@@ -215,6 +240,7 @@ def summarize(db_path: str | Path) -> dict[str, Any]:
             "tasks": tasks,
             "actuation_ms": percentiles(act, (50, 99)),
             "recording": _recording(run),
+            "retention": _retention(conn, run["t0"]),
         }
 
 
@@ -342,8 +368,9 @@ def read_inputs(run: str | Path) -> list[CoreInput]:
     handled them, each with the ``now`` it was given: what a replay feeds a fresh core.
 
     Raises `RunDatabaseError` when the run has no recorded inputs (recorded before they
-    were kept) or some are missing (the writer lost rows): a replay of part of a run would
-    decide differently for no reason a reader could see.
+    were kept), when its retention window pruned the first ones, or when some are missing
+    (the writer lost rows): a replay of part of a run would decide differently for no
+    reason a reader could see.
     """
     path = db_path_of(run)
     with reading(path) as conn:
@@ -351,6 +378,13 @@ def read_inputs(run: str | Path) -> list[CoreInput]:
             raise RunDatabaseError(
                 f"{path} holds no scheduler inputs (recorded by an older version): "
                 "record the run again to replay it"
+            )
+        retention = _retention(conn, _run_row(conn)["t0"])
+        if retention is not None and retention["kept_from_s"] is not None:
+            raise RunDatabaseError(
+                f"{path} keeps only the last {retention['keep_s']:.0f} s of the run (--keep): "
+                f"its scheduler inputs before {retention['kept_from_s']:.0f} s are pruned, and "
+                "a replay needs them from the start; record without --keep to replay a run"
             )
         rows = conn.execute("SELECT t, seq, kind, body_json FROM core_inputs ORDER BY seq")
         try:
@@ -397,6 +431,13 @@ def print_summary(summary: Mapping[str, Any], console: Console) -> None:
     p50 = "–" if act["p50"] is None else f"{act['p50']:.3f}"
     p99 = "–" if act["p99"] is None else f"{act['p99']:.3f}"
     console.print(f"actuation latency: p50 {p50} ms · p99 {p99} ms")
+    retention = summary.get("retention") or {}
+    if retention.get("kept_from_s") is not None:
+        console.print(
+            f"retention: the figures above cover the last {retention['keep_s'] / 3600:g} h "
+            f"kept (--keep); {retention['rows_pruned']} rows before "
+            f"{retention['kept_from_s']:.0f} s were pruned"
+        )
     recording = summary.get("recording") or {}
     if recording.get("rows_lost"):
         console.print(

@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS source_states (
 CREATE TABLE IF NOT EXISTS core_inputs (
     t REAL NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, body_json TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS retention (
+    keep_s REAL NOT NULL, kept_from REAL, rows_pruned INTEGER NOT NULL
+);
 """
 
 #: Row inserts of the event tables, by table.
@@ -75,4 +78,24 @@ REQUIRED_TABLES = (
     "usage",
 )
 #: Tables newer runs have; an older database without them reads as if they were empty.
-OPTIONAL_TABLES = ("source_states", "core_inputs")
+OPTIONAL_TABLES = ("source_states", "core_inputs", "retention")
+
+#: What a run recorded with a retention window (`RunStore.create(keep_s=…)`, `--keep`) prunes
+#: of each event table: rows older than the window on the table's time column. A table that
+#: records a state keeps, of the rows before the window, the last one of each key (``()``:
+#: of the whole table), because that state still holds when the window begins: the rule
+#: that is active, the task that runs, the allocation in force, the context. ``None``: a
+#: series of its own moments, pruned whole. `retention` holds the window, the time before
+#: which rows are gone (`kept_from`) and how many went. Inputs of the scheduler core go too:
+#: a run that pruned them cannot be replayed.
+RETAINED: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "samples": ("t_sensor", None),
+    "drops": ("t", None),
+    "usage": ("t", None),
+    "core_inputs": ("t", None),
+    "context": ("t", ()),
+    "allocations": ("t", ()),
+    "rules": ("t", ("rule",)),
+    "task_states": ("t", ("task",)),
+    "source_states": ("t", ("source",)),
+}

@@ -19,6 +19,13 @@ Why it is shaped this way:
 - **`close` always records the run's end** (`ended_utc`, duration, summary): a small
   reserve file, made when the run starts, is given back to the file system when the end
   would not fit on a full disk. `close` never raises on a write error.
+- **A run that never ends keeps a window** (`keep_s`, `--keep`): a robot records about
+  75 MB an hour, so a daemon on an SD card would fill it in days. Every `PRUNE_PERIOD_S`
+  the writer deletes the rows older than the window, in small transactions (the WAL never
+  holds more than a chunk of deletions), except the state still in force when the window
+  begins (`schema.RETAINED`). SQLite reuses the freed pages, so the file stops growing
+  once it holds a window. The cut is taken from the newest recorded event, not from a
+  clock, and what went is recorded in the `retention` table.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import os
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,7 +63,7 @@ from ctxrobot.observe.paths import (
     prepare_run_folder,
 )
 from ctxrobot.observe.pipeline import Handler
-from ctxrobot.observe.schema import DB_NAME, INSERTS, SCHEMA
+from ctxrobot.observe.schema import DB_NAME, INSERTS, RETAINED, SCHEMA
 from ctxrobot.observe.values import allocated_shares, dumps
 
 __all__ = ["RunStore", "TaskRow"]
@@ -100,6 +108,10 @@ class RunStore:
     RETRY_INTERVAL_S = 2.0
     #: Space set aside at the start so that the run's end fits on a full disk.
     RESERVE_BYTES = 256 * 1024
+    #: How often a run with a retention window prunes what fell out of it.
+    PRUNE_PERIOD_S = 60.0
+    #: Rows deleted per transaction when pruning.
+    PRUNE_CHUNK_ROWS = 5000
 
     def __init__(
         self,
@@ -107,12 +119,19 @@ class RunStore:
         conn: sqlite3.Connection,
         deadlines_ms: Mapping[str, float | None],
         reserve: Path | None = None,
+        keep_s: float | None = None,
     ) -> None:
         """Use `create`; this takes over an open connection to an initialised database."""
         self.path = path
         self._conn = conn
         self._deadlines_ms = dict(deadlines_ms)
         self._reserve = reserve
+        self.keep_s = keep_s  # the retention window (None: the whole run is kept)
+        self._next_prune = time.monotonic() + self.PRUNE_PERIOD_S
+        self._prune_requested = False
+        self._prunes = 0  # prunes finished, successful or not
+        self.rows_pruned = 0
+        self._logged_prune_error = False
         self._allocated: dict[str, float] = {}  # task → share, from the last allocation
         self._pending: collections.deque[Row] = collections.deque(maxlen=self.BUFFER_ROWS)
         self._cond = threading.Condition()
@@ -144,9 +163,14 @@ class RunStore:
         ncpus: float,
         tasks: Iterable[TaskRow],
         group: str | int | None = None,
+        keep_s: float | None = None,
     ) -> RunStore:
         """Create the run folder (0750) and database (0640), owned by `group` when given;
-        record the run and its tasks. Problems the user can fix raise `OutputPathError`."""
+        record the run and its tasks. Problems the user can fix raise `OutputPathError`.
+
+        `keep_s`: keep only the last this many seconds of events (None: all of them)."""
+        if keep_s is not None and not keep_s > 0:
+            raise ValueError(f"a retention window must be positive, not {keep_s} s")
         run_dir = prepare_run_folder(run_dir, group)
         path = run_dir / DB_NAME
         if path.exists():
@@ -168,7 +192,7 @@ class RunStore:
         reserve = run_dir / f".{DB_NAME}.reserve"
         try:
             _create_file(path, RUN_DB_MODE, group_id(group))
-            conn = _initialise(path, run_row, task_rows)
+            conn = _initialise(path, run_row, task_rows, keep_s)
             _create_file(reserve, 0o600, None, size=cls.RESERVE_BYTES)
         except (OSError, sqlite3.Error) as err:
             for leftover in (path, path.with_name(f"{DB_NAME}-wal"), reserve):
@@ -177,7 +201,7 @@ class RunStore:
                 f"cannot create {path}: {_write_problem(err)}: free space there or give "
                 "--out a folder on another disk"
             ) from err
-        return cls(path, conn, {row[0]: row[2] for row in task_rows}, reserve)
+        return cls(path, conn, {row[0]: row[2] for row in task_rows}, reserve, keep_s)
 
     # -- the observer: event → row, on the pipeline's thread -------------------------------
 
@@ -262,6 +286,7 @@ class RunStore:
                     lambda: (
                         self._stop
                         or self._urgent
+                        or self._prune_requested
                         or (len(self._pending) >= self.FLUSH_ROWS and not self._failing)
                     ),
                     self.RETRY_INTERVAL_S if self._failing else self.FLUSH_INTERVAL_S,
@@ -277,6 +302,10 @@ class RunStore:
                 self._write_or_keep(batch)
             # Not held while waiting for the next batch: up to BUFFER_ROWS rows of memory.
             del batch
+            if self.keep_s is not None and (
+                self._prune_requested or time.monotonic() >= self._next_prune
+            ):
+                self._prune(self.keep_s)
 
     def _write_or_keep(self, batch: Sequence[Row]) -> None:
         """Write `batch`; rows the disk refuses go back to the front of the buffer."""
@@ -371,6 +400,81 @@ class RunStore:
             except sqlite3.Error:
                 log.debug("run store: rollback failed", exc_info=True)
 
+    def _prune(self, keep_s: float) -> None:
+        """Delete what fell out of the retention window (on the writer thread, which owns
+        the connection). A failure (a full disk refuses even deletions in WAL mode) is
+        logged once and tried again at the next period; the recording goes on."""
+        with self._cond:
+            self._prune_requested = False
+        self._next_prune = time.monotonic() + self.PRUNE_PERIOD_S
+        try:
+            self._delete_before(keep_s)
+        except sqlite3.Error as err:
+            self._roll_back()
+            if not self._logged_prune_error:
+                self._logged_prune_error = True
+                log.warning(
+                    "run store: cannot prune %s to its %.0f s window (%s); trying again "
+                    "every %.0f s",
+                    self.path,
+                    keep_s,
+                    _write_problem(err),
+                    self.PRUNE_PERIOD_S,
+                )
+        with self._cond:
+            self._prunes += 1
+            self._cond.notify_all()
+
+    def _delete_before(self, keep_s: float) -> None:
+        """Delete every event row older than `keep_s` before the newest one, but the state
+        in force at the cut (`schema.RETAINED`). Each chunk records the cut and its count
+        in the same transaction, so an interrupted prune leaves an exact record."""
+        conn = self._conn
+        newest = [
+            row[0]
+            for table, (column, _) in RETAINED.items()
+            for row in conn.execute(f"SELECT {column} FROM {table} ORDER BY rowid DESC LIMIT 1")
+        ]
+        if not newest:
+            return
+        cut = max(newest) - keep_s
+        for table, (column, keys) in RETAINED.items():
+            # Rows are appended as events arrive, so every row before the first one inside
+            # the window is older than the cut. (A late row, older than rows before it,
+            # goes at the next prune.)
+            first = conn.execute(
+                f"SELECT rowid FROM {table} WHERE {column} >= ? ORDER BY rowid LIMIT 1", (cut,)
+            ).fetchone()
+            if first is None:
+                last = conn.execute(f"SELECT max(rowid) FROM {table}").fetchone()[0]
+                if last is None:
+                    continue
+                bound = last + 1
+            else:
+                bound = first[0]
+            old = f"SELECT rowid FROM {table} WHERE rowid < :bound"
+            if keys is not None:
+                per_key = f" GROUP BY {', '.join(keys)}" if keys else ""
+                old += (
+                    f" AND rowid NOT IN (SELECT max(rowid) FROM {table}"
+                    f" WHERE rowid < :bound{per_key})"
+                )
+            delete = f"DELETE FROM {table} WHERE rowid IN ({old} LIMIT :chunk)"
+            deleted = self.PRUNE_CHUNK_ROWS
+            while deleted == self.PRUNE_CHUNK_ROWS:
+                with conn:
+                    conn.execute("BEGIN")
+                    deleted = conn.execute(
+                        delete, {"bound": bound, "chunk": self.PRUNE_CHUNK_ROWS}
+                    ).rowcount
+                    if deleted:
+                        conn.execute(
+                            "UPDATE retention SET kept_from = ?, rows_pruned = rows_pruned + ?",
+                            (cut, deleted),
+                        )
+                with self._cond:
+                    self.rows_pruned += deleted
+
     # -- control ---------------------------------------------------------------------------
 
     def flush(self, timeout_s: float = 5.0) -> bool:
@@ -390,6 +494,18 @@ class RunStore:
             )
             return self._settled >= target
 
+    def prune(self, timeout_s: float = 5.0) -> bool:
+        """Prune to the retention window now instead of at the next period (what a test of
+        the window calls); `flush` first for the newest rows to count.
+        Returns False when the store has no window or the prune did not finish in time."""
+        if self.keep_s is None:
+            return False
+        with self._cond:
+            done = self._prunes
+            self._prune_requested = True
+            self._cond.notify_all()
+            return self._cond.wait_for(lambda: self._prunes > done, timeout_s)
+
     @property
     def rows_buffered(self) -> int:
         """Rows in memory waiting for the disk."""
@@ -403,6 +519,7 @@ class RunStore:
                 "rows_written": self.rows_written,
                 "rows_lost": self.rows_lost,
                 "write_error": self.write_error,
+                "rows_pruned": self.rows_pruned,
             }
 
     def close(self, duration_s: float, summary: Mapping[str, Any] | None = None) -> None:
@@ -514,9 +631,13 @@ def _create_file(path: Path, mode: int, gid: int | None, size: int = 0) -> None:
 
 
 def _initialise(
-    path: Path, run_row: tuple[Any, ...], task_rows: Sequence[tuple[Any, ...]]
+    path: Path,
+    run_row: tuple[Any, ...],
+    task_rows: Sequence[tuple[Any, ...]],
+    keep_s: float | None,
 ) -> sqlite3.Connection:
-    """Open the (empty) database, create the tables and record the run and its tasks.
+    """Open the (empty) database, create the tables and record the run, its tasks and its
+    retention window.
 
     SQLite creates the -wal and -shm files with the database file's mode and owner.
     """
@@ -539,6 +660,8 @@ def _initialise(
                 run_row,
             )
             conn.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?, ?)", task_rows)
+            if keep_s is not None:
+                conn.execute("INSERT INTO retention VALUES (?, NULL, 0)", (keep_s,))
     except BaseException:
         conn.close()
         raise

@@ -42,6 +42,7 @@ class DaemonOptions:
     operator_group: str | None = None
     policy: str | None = None
     metrics_port: int | None = None
+    keep_s: float | None = None  # the run database's retention window (None: everything)
 
 
 #: A Docker engine that shuts down first stops every container (SIGTERM, then SIGKILL)
@@ -95,6 +96,7 @@ class Daemon:
                 metrics_port=options.metrics_port,
                 loop=True,
                 group=options.read_group,
+                keep_s=options.keep_s,
             ),
         )
         self.board = StatusBoard(

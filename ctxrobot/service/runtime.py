@@ -79,6 +79,7 @@ class RunOptions:
     metrics_port: int | None = None
     loop: bool = False  # the daemon replays its scenario until stopped
     group: str | None = None  # owner group of the run folder and run.db (the daemon's readers)
+    keep_s: float | None = None  # record only the last keep_s seconds (None: the whole run)
 
     def __post_init__(self) -> None:
         # The run folder becomes bind-mount sources (task sockets) and is logged for the
@@ -201,6 +202,7 @@ class Runtime:
                 for t in self.tasks
             ],
             group=self.options.group,
+            keep_s=self.options.keep_s,
         )
         self.observers.add(self.store, "store")
         self.backend = DockerBackend()
