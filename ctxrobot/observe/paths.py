@@ -21,6 +21,7 @@ __all__ = [
     "RUN_FOLDER_MODE",
     "OutputPathError",
     "RunDatabaseError",
+    "create_file",
     "group_id",
     "os_problem",
     "output_dir",
@@ -75,6 +76,23 @@ def group_id(group: str | int | None) -> int | None:
             f"group {group!r} does not exist: create it (groupadd --system {group}) "
             "or give another --group"
         ) from None
+
+
+def create_file(path: Path, mode: int, gid: int | None, size: int = 0) -> None:
+    """Create `path` (it must not exist) with exactly `mode`, `gid`, and `size` zero bytes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # whatever the umask took away
+        if gid is not None:
+            os.fchown(fd, -1, gid)
+        zeros = bytes(min(size, 1 << 16))
+        left = size
+        while left > 0:
+            left -= os.write(fd, zeros[:left])
+        if size:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def restrict(path: Path, mode: int, gid: int | None) -> None:

@@ -1,5 +1,6 @@
 """The run database's layout: `<run_dir>/run.db`, one SQLite file per run, shared by the
-writer (`ctxrobot.observe.store`) and the readers (`ctxrobot.observe.readers`).
+writer (`ctxrobot.observe.store`, which creates it with :func:`create_database`) and the
+readers (`ctxrobot.observe.readers`).
 
 Times are host `time.monotonic()` seconds, exactly as the events carry them; `run.t0` is
 the run's start on that clock, so readers show `t - t0`. Tables added after the first
@@ -9,7 +10,13 @@ one as empty.
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
 DB_NAME = "run.db"
+WRITER_CACHE_KIB = 256  # the writer connection's page cache
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -80,22 +87,40 @@ REQUIRED_TABLES = (
 #: Tables newer runs have; an older database without them reads as if they were empty.
 OPTIONAL_TABLES = ("source_states", "core_inputs", "retention")
 
-#: What a run recorded with a retention window (`RunStore.create(keep_s=…)`, `--keep`) prunes
-#: of each event table: rows older than the window on the table's time column. A table that
-#: records a state keeps, of the rows before the window, the last one of each key (``()``:
-#: of the whole table), because that state still holds when the window begins: the rule
-#: that is active, the task that runs, the allocation in force, the context. ``None``: a
-#: series of its own moments, pruned whole. `retention` holds the window, the time before
-#: which rows are gone (`kept_from`) and how many went. Inputs of the scheduler core go too:
-#: a run that pruned them cannot be replayed.
-RETAINED: dict[str, tuple[str, tuple[str, ...] | None]] = {
-    "samples": ("t_sensor", None),
-    "drops": ("t", None),
-    "usage": ("t", None),
-    "core_inputs": ("t", None),
-    "context": ("t", ()),
-    "allocations": ("t", ()),
-    "rules": ("t", ("rule",)),
-    "task_states": ("t", ("task",)),
-    "source_states": ("t", ("source",)),
-}
+
+def create_database(
+    path: Path,
+    run_row: tuple[Any, ...],
+    task_rows: Sequence[tuple[Any, ...]],
+    keep_s: float | None,
+) -> sqlite3.Connection:
+    """Open the (empty) database file at `path` for the run store's writer: create the
+    tables and record the run, its tasks and its retention window (`keep_s`, None: none).
+
+    SQLite creates the -wal and -shm files with the database file's mode and owner.
+    """
+    # The writer thread owns the connection after `RunStore.create` returns.
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode is crash-safe for the database file; only the last
+        # transactions may be lost on power failure, which a robot log can accept.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        # The writer only appends: SQLite's default 2 MB page cache buys it nothing, and
+        # filling it made a daemon's memory climb for its first five minutes (tools/soak).
+        conn.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
+        conn.executescript(SCHEMA)
+        with conn:
+            conn.execute("BEGIN")
+            conn.execute(
+                "INSERT INTO run (id, started_utc, t0, policy, manifest_path, scenario_path,"
+                " hostname, ncpus) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                run_row,
+            )
+            conn.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?, ?)", task_rows)
+            if keep_s is not None:
+                conn.execute("INSERT INTO retention VALUES (?, NULL, 0)", (keep_s,))
+    except BaseException:
+        conn.close()
+        raise
+    return conn

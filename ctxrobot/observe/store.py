@@ -23,7 +23,7 @@ Why it is shaped this way:
   75 MB an hour, so a daemon on an SD card would fill it in days. Every `PRUNE_PERIOD_S`
   the writer deletes the rows older than the window, in small transactions (the WAL never
   holds more than a chunk of deletions), except the state still in force when the window
-  begins (`schema.RETAINED`). SQLite reuses the freed pages, so the file stops growing
+  begins (`retention.RETAINED`). SQLite reuses the freed pages, so the file stops growing
   once it holds a window. The cut is taken from the newest recorded event, not from a
   clock, and what went is recorded in the `retention` table.
 """
@@ -34,7 +34,6 @@ import collections
 import datetime as dt
 import itertools
 import logging
-import os
 import socket
 import sqlite3
 import threading
@@ -58,12 +57,14 @@ from ctxrobot.observe.inputs import encode
 from ctxrobot.observe.paths import (
     RUN_DB_MODE,
     OutputPathError,
+    create_file,
     group_id,
     os_problem,
     prepare_run_folder,
 )
 from ctxrobot.observe.pipeline import Handler
-from ctxrobot.observe.schema import DB_NAME, INSERTS, RETAINED, SCHEMA
+from ctxrobot.observe.retention import prune
+from ctxrobot.observe.schema import DB_NAME, INSERTS, create_database
 from ctxrobot.observe.values import allocated_shares, dumps
 
 __all__ = ["RunStore", "TaskRow"]
@@ -75,7 +76,6 @@ TaskRow = tuple[str, str, float | None, float | None, float | None]
 Row = tuple[str, tuple[Any, ...]]  # (table, values)
 
 _SQLITE_FULL = 13
-WRITER_CACHE_KIB = 256  # the writer connection's page cache
 # A row that cannot be stored, as opposed to a disk that cannot store anything.
 _BAD_ROW_ERRORS = (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.IntegrityError)
 
@@ -191,9 +191,9 @@ class RunStore:
         )
         reserve = run_dir / f".{DB_NAME}.reserve"
         try:
-            _create_file(path, RUN_DB_MODE, group_id(group))
-            conn = _initialise(path, run_row, task_rows, keep_s)
-            _create_file(reserve, 0o600, None, size=cls.RESERVE_BYTES)
+            create_file(path, RUN_DB_MODE, group_id(group))
+            conn = create_database(path, run_row, task_rows, keep_s)
+            create_file(reserve, 0o600, None, size=cls.RESERVE_BYTES)
         except (OSError, sqlite3.Error) as err:
             for leftover in (path, path.with_name(f"{DB_NAME}-wal"), reserve):
                 leftover.unlink(missing_ok=True)
@@ -408,7 +408,7 @@ class RunStore:
             self._prune_requested = False
         self._next_prune = time.monotonic() + self.PRUNE_PERIOD_S
         try:
-            self._delete_before(keep_s)
+            prune(self._conn, keep_s, self.PRUNE_CHUNK_ROWS, self._count_pruned)
         except sqlite3.Error as err:
             self._roll_back()
             if not self._logged_prune_error:
@@ -425,55 +425,9 @@ class RunStore:
             self._prunes += 1
             self._cond.notify_all()
 
-    def _delete_before(self, keep_s: float) -> None:
-        """Delete every event row older than `keep_s` before the newest one, but the state
-        in force at the cut (`schema.RETAINED`). Each chunk records the cut and its count
-        in the same transaction, so an interrupted prune leaves an exact record."""
-        conn = self._conn
-        newest = [
-            row[0]
-            for table, (column, _) in RETAINED.items()
-            for row in conn.execute(f"SELECT {column} FROM {table} ORDER BY rowid DESC LIMIT 1")
-        ]
-        if not newest:
-            return
-        cut = max(newest) - keep_s
-        for table, (column, keys) in RETAINED.items():
-            # Rows are appended as events arrive, so every row before the first one inside
-            # the window is older than the cut. (A late row, older than rows before it,
-            # goes at the next prune.)
-            first = conn.execute(
-                f"SELECT rowid FROM {table} WHERE {column} >= ? ORDER BY rowid LIMIT 1", (cut,)
-            ).fetchone()
-            if first is None:
-                last = conn.execute(f"SELECT max(rowid) FROM {table}").fetchone()[0]
-                if last is None:
-                    continue
-                bound = last + 1
-            else:
-                bound = first[0]
-            old = f"SELECT rowid FROM {table} WHERE rowid < :bound"
-            if keys is not None:
-                per_key = f" GROUP BY {', '.join(keys)}" if keys else ""
-                old += (
-                    f" AND rowid NOT IN (SELECT max(rowid) FROM {table}"
-                    f" WHERE rowid < :bound{per_key})"
-                )
-            delete = f"DELETE FROM {table} WHERE rowid IN ({old} LIMIT :chunk)"
-            deleted = self.PRUNE_CHUNK_ROWS
-            while deleted == self.PRUNE_CHUNK_ROWS:
-                with conn:
-                    conn.execute("BEGIN")
-                    deleted = conn.execute(
-                        delete, {"bound": bound, "chunk": self.PRUNE_CHUNK_ROWS}
-                    ).rowcount
-                    if deleted:
-                        conn.execute(
-                            "UPDATE retention SET kept_from = ?, rows_pruned = rows_pruned + ?",
-                            (cut, deleted),
-                        )
-                with self._cond:
-                    self.rows_pruned += deleted
+    def _count_pruned(self, rows: int) -> None:
+        with self._cond:
+            self.rows_pruned += rows
 
     # -- control ---------------------------------------------------------------------------
 
@@ -611,58 +565,3 @@ class RunStore:
             # A live reader still holds the db open; run.db is complete anyway after the
             # checkpoint, it just stays in WAL mode.
             log.info("run store: %s stays in WAL mode (a reader has it open)", self.path)
-
-
-def _create_file(path: Path, mode: int, gid: int | None, size: int = 0) -> None:
-    """Create `path` (it must not exist) with exactly `mode`, `gid`, and `size` zero bytes."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)  # whatever the umask took away
-        if gid is not None:
-            os.fchown(fd, -1, gid)
-        zeros = bytes(min(size, 1 << 16))
-        left = size
-        while left > 0:
-            left -= os.write(fd, zeros[:left])
-        if size:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _initialise(
-    path: Path,
-    run_row: tuple[Any, ...],
-    task_rows: Sequence[tuple[Any, ...]],
-    keep_s: float | None,
-) -> sqlite3.Connection:
-    """Open the (empty) database, create the tables and record the run, its tasks and its
-    retention window.
-
-    SQLite creates the -wal and -shm files with the database file's mode and owner.
-    """
-    # The writer thread owns the connection after `create` returns.
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode is crash-safe for the database file; only the last
-        # transactions may be lost on power failure, which a robot log can accept.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        # The writer only appends: SQLite's default 2 MB page cache buys it nothing, and
-        # filling it made a daemon's memory climb for its first five minutes (tools/soak).
-        conn.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
-        conn.executescript(SCHEMA)
-        with conn:
-            conn.execute("BEGIN")
-            conn.execute(
-                "INSERT INTO run (id, started_utc, t0, policy, manifest_path, scenario_path,"
-                " hostname, ncpus) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                run_row,
-            )
-            conn.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?, ?)", task_rows)
-            if keep_s is not None:
-                conn.execute("INSERT INTO retention VALUES (?, NULL, 0)", (keep_s,))
-    except BaseException:
-        conn.close()
-        raise
-    return conn
