@@ -20,7 +20,7 @@ Why it is shaped this way:
   reserve file, made when the run starts, is given back to the file system when the end
   would not fit on a full disk. `close` never raises on a write error.
 - **A run that never ends keeps a window** (`keep_s`, `--keep`): a robot records about
-  75 MB an hour, so a daemon on an SD card would fill it in days. Every `PRUNE_PERIOD_S`
+  75 MB an hour, so a daemon would fill an SD card within weeks. Every `PRUNE_PERIOD_S`
   the writer deletes the rows older than the window, in small transactions (the WAL never
   holds more than a chunk of deletions), except the state still in force when the window
   begins (`retention.RETAINED`). SQLite reuses the freed pages, so the file stops growing
