@@ -78,9 +78,13 @@ def _problem(path: Path, err: sqlite3.Error) -> RunDatabaseError:
     )
 
 
+def _tables(conn: sqlite3.Connection) -> frozenset[str]:
+    return frozenset(r[0] for r in conn.execute("SELECT name FROM sqlite_master"))
+
+
 def _check_tables(conn: sqlite3.Connection, path: Path) -> frozenset[str]:
     """The run tables `path` has; raises when a required one is missing."""
-    tables = frozenset(r[0] for r in conn.execute("SELECT name FROM sqlite_master"))
+    tables = _tables(conn)
     missing = [t for t in REQUIRED_TABLES if t not in tables]
     if missing:
         raise RunDatabaseError(
@@ -147,8 +151,7 @@ def _recording(run: sqlite3.Row) -> dict[str, Any] | None:
 def _retention(conn: sqlite3.Connection, t0: float) -> dict[str, Any] | None:
     """The run's retention window (`--keep`) and what it pruned; None: the whole run is
     kept (or it was recorded before windows existed)."""
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-    if "retention" not in tables:
+    if "retention" not in _tables(conn):
         return None
     row = conn.execute("SELECT keep_s, kept_from, rows_pruned FROM retention").fetchone()
     if row is None:
