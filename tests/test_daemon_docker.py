@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from ctxrobot.actuate.docker import DockerBackend
 from ctxrobot.observe.readers import summarize
 from ctxrobot.service.control import ControlClient, ControlError
 from tests.conftest import REPO, require_checkout_open_to_others, require_data, require_image
+from tests.test_store_retention import recorded_run
 
 pytestmark = pytest.mark.docker
 
@@ -104,6 +106,14 @@ class Daemon:
         self.config.write_text(manifest_text(data, rules=RULES))
         self.socket = tmp / "ctl.sock"
         self.out = tmp / "run"
+        # Run folders of earlier starts beside this one: one outside the 24 h window, one in.
+        now = dt.datetime.now(dt.UTC)
+        self.expired_run = recorded_run(
+            tmp / "run-30-hours-ago", 5, start=now - dt.timedelta(hours=30), ended=True
+        )
+        self.recent_run = recorded_run(
+            tmp / "run-an-hour-ago", 5, start=now - dt.timedelta(hours=1), ended=True
+        )
         self.log = (tmp / "daemon.log").open("w")
         self.proc = subprocess.Popen(
             [
@@ -179,6 +189,19 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         # The window reached the run database; a run this short prunes nothing.
         retention = summarize(d.out)["retention"]
         assert retention == {"keep_s": 24 * 3600.0, "kept_from_s": None, "rows_pruned": 0}
+
+
+def test_the_window_removes_the_run_folders_of_earlier_starts(daemon: Daemon) -> None:
+    """`--keep` holds across restarts: each start records into a new folder, and the ones
+    whose runs last recorded more than the window ago go (tests/test_store_retention.py)."""
+    until("the expired run folder removed", lambda: not daemon.expired_run.exists(), 30)
+    assert (daemon.recent_run / "run.db").is_file()
+    assert (daemon.out / "run.db").is_file()
+    logs = [json.loads(line) for line in daemon.logs().splitlines() if line.startswith("{")]
+    assert any(
+        "removed run folder" in entry["msg"] and "run-30-hours-ago" in entry["msg"]
+        for entry in logs
+    ), "the daemon says which folder it removed"
 
 
 def test_status_over_the_socket(daemon: Daemon) -> None:

@@ -1,5 +1,6 @@
 """run.db's retention window (`--keep`): a run that never ends keeps its last hours and the
-state in force when they begin, and its file stops growing.
+state in force when they begin, and its file stops growing; a daemon's earlier run folders go
+once their runs are older than the window.
 
 Recorded through the production path (a real `EventBus`, the observer pipeline, the writer
 thread, SQLite), in virtual time: the store cuts on the newest recorded event, not a clock.
@@ -7,6 +8,7 @@ thread, SQLite), in virtual time: the store cuts on the newest recorded event, n
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import sqlite3
@@ -40,6 +42,7 @@ from ctxrobot.observe.readers import (
     summarize,
 )
 from ctxrobot.observe.report import write_report
+from ctxrobot.observe.retention import expired_runs, remove_run
 from ctxrobot.observe.store import RunStore
 from ctxrobot.observe.trace import write_trace
 from ctxrobot.sched.state import Tick
@@ -258,3 +261,77 @@ def test_keep_takes_a_positive_number_of_hours() -> None:
     help_text = " ".join(ctxrobot("daemon", "--help").stdout.split())
     assert "--keep HOURS keep only the last HOURS of events in run.db" in help_text
     assert "such a run cannot be replayed" in help_text
+
+
+# ------------------------------------------------------------------ run folders across restarts
+NOW = dt.datetime(2026, 12, 3, 12, 0, tzinfo=dt.UTC)
+DAY_S = 24 * 3600.0
+
+
+def recorded_run(folder: Path, seconds: int, *, start: dt.datetime, ended: bool) -> Path:
+    """A run folder recorded through the store (`seconds` of a robot), dated to `start`; a run
+    that did not end is one whose process was killed: no end in its run row."""
+    run = Recorder(folder, keep_s=None)
+    for s in range(seconds):
+        run.second(float(s))
+    run.close(float(seconds))
+    db = folder / "run.db"
+    with sqlite3.connect(db) as conn:
+        end = start + dt.timedelta(seconds=seconds)
+        conn.execute(
+            "UPDATE run SET started_utc = ?, ended_utc = ?",
+            (start.isoformat(), end.isoformat() if ended else None),
+        )
+    return folder
+
+
+def test_a_daemons_window_removes_the_run_folders_its_restarts_left(tmp_path: Path) -> None:
+    """Each daemon start records into a new folder, so the window inside one run.db does not
+    bound the disk across restarts: the folders beside the current one whose runs last
+    recorded more than the window ago go, and nothing else does."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    hours_ago = lambda h: NOW - dt.timedelta(hours=h)  # noqa: E731
+    old = recorded_run(runs / "old", 5, start=hours_ago(30), ended=True)
+    # Killed 20 s into a run that started 24 h 11 s ago: its last event, 23 h 59 min 52 s
+    # old, is inside the window, though the run started before it.
+    killed_inside = recorded_run(runs / "killed-inside", 20, start=hours_ago(24.003), ended=False)
+    killed_outside = recorded_run(runs / "killed-outside", 20, start=hours_ago(25), ended=False)
+    recent = recorded_run(runs / "recent", 5, start=hours_ago(1), ended=True)
+    # Recorded after "now": the clock went back since (a robot without a real-time clock).
+    future = recorded_run(runs / "future", 5, start=NOW + dt.timedelta(hours=30), ended=True)
+    with_notes = recorded_run(runs / "with-notes", 5, start=hours_ago(48), ended=True)
+    (with_notes / "notes.txt").write_text("the day the lidar fell off\n")
+    write_report(with_notes)
+    write_trace(with_notes)
+    (with_notes / "sockets" / "slam").mkdir(parents=True)
+    current = recorded_run(runs / "current", 5, start=hours_ago(40), ended=False)
+    not_a_database = runs / "not-a-database"
+    not_a_database.mkdir()
+    (not_a_database / "run.db").write_text("not SQLite\n")
+    not_a_run = runs / "photos"
+    not_a_run.mkdir()
+    (not_a_run / "stop.jpg").write_bytes(b"jpeg")
+
+    expired = expired_runs(runs, DAY_S, NOW, current)
+    assert [run.folder for run in expired] == [with_notes, old, killed_outside]
+    assert expired[2].last_recorded == hours_ago(25) + dt.timedelta(seconds=19)
+
+    assert remove_run(old) == []
+    assert not old.exists()
+    assert remove_run(killed_outside) == []
+    assert remove_run(with_notes) == ["notes.txt"]
+    assert sorted(p.name for p in with_notes.iterdir()) == ["notes.txt"]
+    left = {p.name for p in runs.iterdir()}
+    assert left == {
+        "killed-inside",
+        "recent",
+        "future",
+        "with-notes",
+        "current",
+        "not-a-database",
+        "photos",
+    }
+    for kept in (killed_inside, recent, future, current):
+        assert (kept / "run.db").is_file()
+    assert expired_runs(runs, DAY_S, NOW, current) == []

@@ -262,8 +262,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------
-def _add_robot_options(p: argparse.ArgumentParser) -> None:
-    """The options `run` and `daemon` share: which robot, which policy, where to record."""
+def _add_robot_options(p: argparse.ArgumentParser, keep_also: str = "") -> None:
+    """The options `run` and `daemon` share: which robot, which policy, where to record
+    (`keep_also`: what else `--keep` does for this command)."""
     p.add_argument(
         "--config",
         default=str(DEFAULT_MANIFEST),
@@ -287,7 +288,8 @@ def _add_robot_options(p: argparse.ArgumentParser) -> None:
         type=hours_arg,
         metavar="HOURS",
         help="keep only the last HOURS of events in run.db (e.g. 24 or 0.5): a robot records "
-        "about 75 MB an hour; such a run cannot be replayed (default: keep everything)",
+        f"about 75 MB an hour; such a run cannot be replayed{keep_also} (default: keep "
+        "everything)",
     )
 
 
@@ -373,7 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
         "also override, reload, start/stop tasks and shut down. SIGTERM/SIGINT: stop tasks, "
         "flush the run database, exit 0.",
     )
-    _add_robot_options(p)
+    # Every start records into a new run folder: the window must hold across restarts too.
+    _add_robot_options(
+        p,
+        keep_also="; the run folders beside this one whose runs last recorded more than HOURS "
+        "ago are removed (at the start, then every 10 minutes)",
+    )
     p.add_argument("--socket", default=str(default_socket()), metavar="PATH", help=socket_help)
     p.add_argument(
         "--read-group",

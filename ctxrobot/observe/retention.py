@@ -1,15 +1,25 @@
-"""A run database's retention window (`--keep`): what pruning keeps and the SQL that prunes.
+"""The retention window (`--keep`): what pruning a run database keeps and the SQL that
+prunes it, and which earlier run folders a daemon's window has left behind.
 
-The run store's writer thread calls :func:`prune` on its own connection once a period; this
-module holds no thread and reads no clock: the cut is taken from the newest recorded event.
+The run store's writer thread calls :func:`prune` on its own connection once a period; the
+daemon calls :func:`expired_runs` and :func:`remove_run` once it has started. This module
+holds no thread and reads no clock: the cut within a run is taken from its newest recorded
+event, and the present moment for earlier runs is the caller's.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import shutil
 import sqlite3
 from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["RETAINED", "prune"]
+from ctxrobot.observe.schema import DB_NAME
+
+__all__ = ["RETAINED", "RUN_ENTRIES", "ExpiredRun", "expired_runs", "prune", "remove_run"]
 
 #: What a run recorded with a retention window (`RunStore.create(keep_s=…)`, `--keep`) prunes
 #: of each event table: rows older than the window on the table's time column. A table that
@@ -80,3 +90,85 @@ def prune(
                         (cut, deleted),
                     )
             counted(deleted)
+
+
+#: What ctxrobot writes into a run folder: the database and SQLite's side files, the store's
+#: disk reserve, the task sockets' folders, and what `ctxrobot report` and `ctxrobot trace`
+#: derive from the database by default. Removing an expired run removes these and nothing
+#: else: a file the user put there keeps the folder.
+RUN_ENTRIES = (
+    DB_NAME,
+    f"{DB_NAME}-wal",
+    f"{DB_NAME}-shm",
+    f".{DB_NAME}.reserve",
+    "sockets",
+    "report",
+    "trace.json",
+)
+
+
+@dataclass(frozen=True)
+class ExpiredRun:
+    folder: Path
+    last_recorded: dt.datetime  # UTC
+
+
+def last_recorded(db: Path) -> dt.datetime | None:
+    """When the run recorded in `db` last recorded anything (UTC): its recorded end, or for a
+    run that never recorded one (killed, or the power went) its start plus the time of its
+    newest event. None when `db` is not a readable run database: it is then left alone."""
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    with closing(conn):
+        try:
+            row = conn.execute("SELECT started_utc, t0, ended_utc FROM run").fetchone()
+            if row is None:
+                return None
+            started, t0, ended = row
+            if ended is not None:
+                return dt.datetime.fromisoformat(ended)
+            newest = t0
+            for table, (column, _) in RETAINED.items():
+                last = conn.execute(
+                    f"SELECT {column} FROM {table} ORDER BY rowid DESC LIMIT 1"
+                ).fetchone()
+                if last is not None:
+                    newest = max(newest, last[0])
+            return dt.datetime.fromisoformat(started) + dt.timedelta(seconds=newest - t0)
+        except (sqlite3.Error, ValueError, TypeError):
+            return None
+
+
+def expired_runs(parent: Path, keep_s: float, now: dt.datetime, current: Path) -> list[ExpiredRun]:
+    """The run folders in `parent`, other than `current`, whose run last recorded anything
+    more than `keep_s` before `now` (UTC), oldest first. A folder without a readable run
+    database is not a run's and is never listed; nor is a run that recorded after `now` (the
+    clock went back since: its age is unknown)."""
+    found = []
+    for folder in parent.iterdir():
+        if folder == current or not folder.is_dir() or folder.is_symlink():
+            continue
+        db = folder / DB_NAME
+        if not db.is_file():
+            continue
+        last = last_recorded(db)
+        if last is not None and (now - last).total_seconds() > keep_s:
+            found.append(ExpiredRun(folder, last))
+    return sorted(found, key=lambda run: run.last_recorded)
+
+
+def remove_run(folder: Path) -> list[str]:
+    """Remove what ctxrobot wrote into the run folder `folder` (:data:`RUN_ENTRIES`), then the
+    folder if nothing else is left in it. Returns the names of what else is there, kept."""
+    for name in RUN_ENTRIES:
+        entry = folder / name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+    others = sorted(entry.name for entry in folder.iterdir())
+    if not others:
+        folder.rmdir()
+    return others

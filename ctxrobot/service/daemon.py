@@ -1,14 +1,18 @@
 """`ctxrobot daemon`: the runtime as a long-lived service with a control API.
 
-On start it cleans up (thaws and removes) containers a previous instance left behind,
-then runs the manifest with the scenario replayed in a loop (on a robot with live
-sensors the sources simply never end). A task that crashes is restarted with exponential
-back-off per its manifest `restart` policy; each crash and restart is an event on the bus.
-SIGTERM/SIGINT stop the tasks, flush the run database and exit 0.
+On start it cleans up (thaws and removes) containers a previous instance left behind, then
+runs the manifest with the scenario replayed in a loop (on a robot with live sensors the
+sources simply never end). A task that crashes is restarted with exponential back-off per
+its manifest `restart` policy; each crash and restart is an event on the bus. With a
+retention window (`--keep`) it also removes the run folders beside its own whose runs last
+recorded more than a window ago: each start records into a new folder, so the window within
+one run would not bound the disk across restarts. SIGTERM/SIGINT stop the tasks, flush the
+run database and exit 0.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
@@ -18,6 +22,7 @@ from typing import Any
 
 from ctxrobot.manifest.schema import ManifestError, RestartSpec, load_manifest
 from ctxrobot.model.events import TaskStateChanged
+from ctxrobot.observe.retention import expired_runs, remove_run
 from ctxrobot.observe.status import StatusBoard
 from ctxrobot.sched.rules import critical_rules
 from ctxrobot.sched.signals import check_override
@@ -31,6 +36,10 @@ from ctxrobot.service.runtime import STOPPED_BY_SIGNAL, RunOptions, Runtime
 log = logging.getLogger(__name__)
 
 SUPERVISE_PERIOD_S = 0.25
+
+#: How often a daemon with a retention window looks for earlier run folders it has left
+#: behind (they only age, so the first look after starting finds most of them).
+EXPIRED_RUNS_PERIOD_S = 600.0
 
 
 @dataclass
@@ -237,6 +246,31 @@ class Daemon:
                     state.due = None
                     self._restart(name, f"restart {state.count}")
 
+    def _remove_expired_runs(self, keep_s: float) -> None:
+        """Remove the run folders beside this run's whose runs last recorded more than the
+        retention window ago: the window holds across the daemon's restarts too."""
+        run_dir = self.runtime.run_dir
+        now = dt.datetime.now(dt.UTC)
+        for run in expired_runs(run_dir.parent, keep_s, now, run_dir):
+            others = remove_run(run.folder)
+            age_h = (now - run.last_recorded).total_seconds() / 3600.0
+            if others:
+                log.warning(
+                    "removed the run in %s (last recorded %.1f h ago, outside the %g h "
+                    "window); kept the folder for what ctxrobot did not write there: %s",
+                    run.folder,
+                    age_h,
+                    keep_s / 3600.0,
+                    ", ".join(others),
+                )
+            else:
+                log.info(
+                    "removed run folder %s: last recorded %.1f h ago, outside the %g h window",
+                    run.folder,
+                    age_h,
+                    keep_s / 3600.0,
+                )
+
     def _schedule(
         self, name: str, state: _Restarts, error: str, exit_code: int | None, now: float
     ) -> None:
@@ -278,9 +312,13 @@ class Daemon:
             log.info(
                 "daemon ready: run %s, control socket %s", self.runtime.run_id, self.options.socket
             )
+            next_look = time.monotonic()
             while not self._stop.wait(SUPERVISE_PERIOD_S):
                 try:
                     self._supervise()
+                    if self.options.keep_s is not None and time.monotonic() >= next_look:
+                        next_look = time.monotonic() + EXPIRED_RUNS_PERIOD_S
+                        self._remove_expired_runs(self.options.keep_s)
                 except Exception:  # supervision must outlive whatever it supervises
                     log.exception("supervision failed; trying again")
         finally:
