@@ -19,7 +19,15 @@ from pathlib import Path
 
 from ctxrobot.observe.schema import DB_NAME
 
-__all__ = ["RETAINED", "RUN_ENTRIES", "ExpiredRun", "expired_runs", "prune", "remove_run"]
+__all__ = [
+    "RETAINED",
+    "RUN_ENTRIES",
+    "ExpiredRun",
+    "expired_runs",
+    "last_recorded",
+    "prune",
+    "remove_run",
+]
 
 #: What a run recorded with a retention window (`RunStore.create(keep_s=…)`, `--keep`) prunes
 #: of each event table: rows older than the window on the table's time column. A table that
@@ -109,6 +117,8 @@ RUN_ENTRIES = (
 
 @dataclass(frozen=True)
 class ExpiredRun:
+    """A run folder whose run last recorded anything before the retention window."""
+
     folder: Path
     last_recorded: dt.datetime  # UTC
 
@@ -161,7 +171,8 @@ def expired_runs(parent: Path, keep_s: float, now: dt.datetime, current: Path) -
 
 def remove_run(folder: Path) -> list[str]:
     """Remove what ctxrobot wrote into the run folder `folder` (:data:`RUN_ENTRIES`), then the
-    folder if nothing else is left in it. Returns the names of what else is there, kept."""
+    folder if nothing else is left in it. Returns the names of what else is there, kept.
+    Raises `OSError` when the file system refuses (permissions, a read-only disk)."""
     for name in RUN_ENTRIES:
         entry = folder / name
         if entry.is_dir() and not entry.is_symlink():

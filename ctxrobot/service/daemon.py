@@ -252,8 +252,20 @@ class Daemon:
         run_dir = self.runtime.run_dir
         now = dt.datetime.now(dt.UTC)
         for run in expired_runs(run_dir.parent, keep_s, now, run_dir):
-            others = remove_run(run.folder)
             age_h = (now - run.last_recorded).total_seconds() / 3600.0
+            try:
+                others = remove_run(run.folder)
+            except OSError as err:
+                log.warning(
+                    "cannot remove the run in %s (last recorded %.1f h ago, outside the %g h "
+                    "window): %s; trying again in %g minutes, or remove it by hand",
+                    run.folder,
+                    age_h,
+                    keep_s / 3600.0,
+                    err,
+                    EXPIRED_RUNS_PERIOD_S / 60.0,
+                )
+                continue
             if others:
                 log.warning(
                     "removed the run in %s (last recorded %.1f h ago, outside the %g h "
