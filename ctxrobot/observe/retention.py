@@ -13,10 +13,11 @@ import datetime as dt
 import shutil
 import sqlite3
 from collections.abc import Callable
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctxrobot.observe.paths import RunDatabaseError
+from ctxrobot.observe.readers import reading
 from ctxrobot.observe.schema import DB_NAME
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "ExpiredRun",
     "expired_runs",
     "last_recorded",
+    "newest_event",
     "prune",
     "remove_run",
 ]
@@ -50,6 +52,17 @@ RETAINED: dict[str, tuple[str, tuple[str, ...] | None]] = {
 }
 
 
+def newest_event(conn: sqlite3.Connection) -> float | None:
+    """The time of the newest recorded event (None: none yet): the last row of each event
+    table, since rows are appended as events arrive; no table is scanned."""
+    newest = [
+        row[0]
+        for table, (column, _) in RETAINED.items()
+        for row in conn.execute(f"SELECT {column} FROM {table} ORDER BY rowid DESC LIMIT 1")
+    ]
+    return max(newest) if newest else None
+
+
 def prune(
     conn: sqlite3.Connection, keep_s: float, chunk_rows: int, counted: Callable[[int], None]
 ) -> None:
@@ -58,14 +71,10 @@ def prune(
     that the WAL never holds a window's worth of deletions. Each chunk records the cut and
     its count in the `retention` table in the same transaction, and is handed to `counted`
     once committed: an interrupted prune leaves an exact record."""
-    newest = [
-        row[0]
-        for table, (column, _) in RETAINED.items()
-        for row in conn.execute(f"SELECT {column} FROM {table} ORDER BY rowid DESC LIMIT 1")
-    ]
-    if not newest:
+    newest = newest_event(conn)
+    if newest is None:
         return
-    cut = max(newest) - keep_s
+    cut = newest - keep_s
     for table, (column, keys) in RETAINED.items():
         # Rows are appended as events arrive, so every row before the first one inside the
         # window is older than the cut. (A late row, older than rows before it, goes at the
@@ -128,27 +137,15 @@ def last_recorded(db: Path) -> dt.datetime | None:
     run that never recorded one (killed, or the power went) its start plus the time of its
     newest event. None when `db` is not a readable run database: it is then left alone."""
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    except sqlite3.Error:
+        with reading(db) as conn:
+            run = conn.execute("SELECT started_utc, t0, ended_utc FROM run").fetchone()
+            newest = newest_event(conn)
+        if run["ended_utc"] is not None:
+            return dt.datetime.fromisoformat(run["ended_utc"])
+        since_start = 0.0 if newest is None else max(0.0, newest - run["t0"])
+        return dt.datetime.fromisoformat(run["started_utc"]) + dt.timedelta(seconds=since_start)
+    except (RunDatabaseError, ValueError, TypeError):  # TypeError: no run row
         return None
-    with closing(conn):
-        try:
-            row = conn.execute("SELECT started_utc, t0, ended_utc FROM run").fetchone()
-            if row is None:
-                return None
-            started, t0, ended = row
-            if ended is not None:
-                return dt.datetime.fromisoformat(ended)
-            newest = t0
-            for table, (column, _) in RETAINED.items():
-                last = conn.execute(
-                    f"SELECT {column} FROM {table} ORDER BY rowid DESC LIMIT 1"
-                ).fetchone()
-                if last is not None:
-                    newest = max(newest, last[0])
-            return dt.datetime.fromisoformat(started) + dt.timedelta(seconds=newest - t0)
-        except (sqlite3.Error, ValueError, TypeError):
-            return None
 
 
 def expired_runs(parent: Path, keep_s: float, now: dt.datetime, current: Path) -> list[ExpiredRun]:

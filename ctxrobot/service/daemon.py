@@ -253,35 +253,29 @@ class Daemon:
         now = dt.datetime.now(dt.UTC)
         for run in expired_runs(run_dir.parent, keep_s, now, run_dir):
             age_h = (now - run.last_recorded).total_seconds() / 3600.0
+            why = f"last recorded {age_h:.1f} h ago, outside the {keep_s / 3600.0:g} h window"
             try:
                 others = remove_run(run.folder)
             except OSError as err:
                 log.warning(
-                    "cannot remove the run in %s (last recorded %.1f h ago, outside the %g h "
-                    "window): %s; trying again in %g minutes, or remove it by hand",
+                    "cannot remove the run in %s (%s): %s; trying again in %g minutes, or "
+                    "remove it by hand",
                     run.folder,
-                    age_h,
-                    keep_s / 3600.0,
+                    why,
                     err,
                     EXPIRED_RUNS_PERIOD_S / 60.0,
                 )
                 continue
             if others:
                 log.warning(
-                    "removed the run in %s (last recorded %.1f h ago, outside the %g h "
-                    "window); kept the folder for what ctxrobot did not write there: %s",
+                    "removed the run in %s (%s); kept the folder for what ctxrobot did not write "
+                    "there: %s",
                     run.folder,
-                    age_h,
-                    keep_s / 3600.0,
+                    why,
                     ", ".join(others),
                 )
             else:
-                log.info(
-                    "removed run folder %s: last recorded %.1f h ago, outside the %g h window",
-                    run.folder,
-                    age_h,
-                    keep_s / 3600.0,
-                )
+                log.info("removed run folder %s: %s", run.folder, why)
 
     def _schedule(
         self, name: str, state: _Restarts, error: str, exit_code: int | None, now: float
