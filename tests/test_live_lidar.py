@@ -28,9 +28,9 @@ from ctxrobot.streams.source import Fired
 from ctxtask.datasets.laser import (
     LaserDataset,
     load_laser_dataset,
-    relative_poses,
     scan_sample,
 )
+from ctxtask.se2 import between
 from tests.conftest import require_data
 from tests.test_live_support import (
     SWITCH_INTERVAL_S,
@@ -293,8 +293,8 @@ def test_a_lidar_without_odometry_says_so_and_slam_follows_it(
     with_odometry.initialise()
     replayed = [scan_sample(dataset, first + k) for k in range(scans)]
     reference = np.array([with_odometry.update(sample)["pose"] for sample in replayed])
-    slam_moved = relative_poses(poses[[0]], poses[[-1]])[0]
-    reference_moved = relative_poses(reference[[0]], reference[[-1]])[0]
+    slam_moved = between(poses[[0]], poses[[-1]])[0]
+    reference_moved = between(reference[[0]], reference[[-1]])[0]
     print(f"\nwithout odometry SLAM moved {slam_moved}, with it {reference_moved}")
     assert np.hypot(*reference_moved[:2]) > 2.0
     assert np.hypot(*(slam_moved[:2] - reference_moved[:2])) <= 0.1

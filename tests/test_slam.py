@@ -30,12 +30,12 @@ from ctxtask.datasets.laser import (
     interpolate_odometry,
     load_laser_dataset,
     relation_errors,
-    relative_poses,
     scan_sample,
     score_relations,
     score_run,
 )
 from ctxtask.protocol import Sample
+from ctxtask.se2 import between, compose, transform_points, wrap
 from slam.evaluate import evaluate
 from slam.loops import LoopCloser
 from slam.mapper import Slam, SlamConfig
@@ -43,7 +43,6 @@ from slam.matching import LikelihoodField, PointLineMap, correlative_search, icp
 from slam.places import PlaceIndex, trail
 from slam.posegraph import PoseGraph
 from slam.scan import scan_to_points
-from slam.se2 import between, compose, transform_points, wrap
 from slam.task import SlamTask
 from tests.conftest import REPO, require_data, side_by_side
 
@@ -273,7 +272,7 @@ def test_score_relations_is_exact_on_synthetic_poses() -> None:
     stamps = np.arange(50, dtype=np.float64)
     poses = np.column_stack([rng.normal(size=50), rng.normal(size=50), rng.uniform(-3, 3, 50)])
     i1, i2 = rng.integers(0, 50, 30), rng.integers(0, 50, 30)
-    truth = relative_poses(poses[i1], poses[i2])
+    truth = between(poses[i1], poses[i2])
     relations = np.column_stack([stamps[i1], stamps[i2], truth])
     assert score_relations(stamps, poses, relations) == pytest.approx((0.0, 0.0), abs=1e-9)
     # Rotating scan 2 by 2° about its own origin changes only the rotational error.

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ctxtask.se2 import between, compose, rotate_vectors, transform_points, wrap
 from slam.matching import LikelihoodField, MatchResult, PointLineMap, correlative_search, icp
 from slam.places import PlaceIndex, trail
 from slam.posegraph import PoseGraph
 from slam.scan import ScanPoints
-from slam.se2 import between, compose, rotate_vectors, transform_points, wrap
 
 if TYPE_CHECKING:
     from slam.mapper import SlamConfig

@@ -37,12 +37,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ctxtask.se2 import between, compose
 from slam.loops import LoopCloser, submap, thin_points
 from slam.matching import LikelihoodField, PointLineMap, correlative_search, icp
 from slam.odometry import OdometryNoise
 from slam.posegraph import PoseGraph
 from slam.scan import ScanPoints, scan_to_points
-from slam.se2 import between, compose
 
 
 @dataclass(frozen=True)

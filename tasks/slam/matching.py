@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from scipy.spatial import cKDTree
 
-from slam.se2 import transform_points, wrap
+from ctxtask.se2 import transform_points, wrap
 
 
 class PointLineMap:

@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from slam.se2 import transform_points
+from ctxtask.se2 import transform_points
 
 # Log-odds increments of the inverse sensor model and the clamp that keeps cells revisable.
 _L_HIT = 0.9

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ctxtask.se2 import between, wrap
 from slam.matching import PointLineMap, icp
 from slam.scan import ScanPoints
-from slam.se2 import between, wrap
 
 if TYPE_CHECKING:
     from slam.mapper import SlamConfig

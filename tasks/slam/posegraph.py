@@ -6,7 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import SuperLU, splu
 
-from slam.se2 import wrap
+from ctxtask.se2 import wrap
 
 # Weight of the prior that pins node 0 (the map frame is defined by the first pose).
 _ANCHOR_INFO = 1e8

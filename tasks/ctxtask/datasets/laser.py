@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ctxtask.protocol import Sample
+from ctxtask.se2 import between, compose, wrap
 
 # Relation stamps are copies of scan stamps; anything farther than this is a different scan.
 _STAMP_TOLERANCE_S = 1e-3
@@ -195,11 +196,6 @@ def _load_angle_mins(path: Path, stamps: np.ndarray) -> np.ndarray:
     return np.radians(table[:, 1])
 
 
-def _compose(a: tuple[float, float, float], b: tuple[float, float, float]) -> tuple[float, ...]:
-    c, s = math.cos(a[2]), math.sin(a[2])
-    return (a[0] + c * b[0] - s * b[1], a[1] + s * b[0] + c * b[1], a[2] + b[2])
-
-
 def _load_laser_mount(folder: Path, stated: np.ndarray | None) -> np.ndarray:
     """The laser's pose on the robot's base: ``stated`` by laser.yaml, or from the folder's
     ROS bag, the ``/tf_static`` transforms from the odometry's child frame (the base) down to
@@ -254,7 +250,7 @@ def _bag_laser_mount(bag: Path) -> np.ndarray:
     if missing:
         raise ValueError(f"{bag}: no {' or '.join(missing)} message to name the frames")
     base, frame = first["/odom"].child_frame_id, first["/scan"].header.frame_id
-    mount = (0.0, 0.0, 0.0)
+    mount = np.zeros(3)
     while frame != base:
         if frame not in parents:
             raise ValueError(
@@ -262,8 +258,8 @@ def _bag_laser_mount(bag: Path) -> np.ndarray:
                 f"{base!r} (the odometry's child frame), so the laser's mount is unknown"
             )
         frame, link = parents.pop(frame)  # popped: a cycle ends at the error above
-        mount = _compose(link, mount)
-    return np.array(mount)
+        mount = compose(np.array(link), mount)
+    return mount
 
 
 def interpolate_odometry(odometry: np.ndarray, stamps: np.ndarray) -> np.ndarray:
@@ -345,15 +341,6 @@ def _scan_indices(stamps: np.ndarray, query: np.ndarray) -> np.ndarray:
     return np.where(np.abs(stamps[nearest] - query) <= _STAMP_TOLERANCE_S, nearest, -1)
 
 
-def relative_poses(poses_a: np.ndarray, poses_b: np.ndarray) -> np.ndarray:
-    """Pose of each ``b`` in the frame of the matching ``a`` (arrays of ``[x, y, theta]``)."""
-    dx = poses_b[:, 0] - poses_a[:, 0]
-    dy = poses_b[:, 1] - poses_a[:, 1]
-    c, s = np.cos(poses_a[:, 2]), np.sin(poses_a[:, 2])
-    dth = np.angle(np.exp(1j * (poses_b[:, 2] - poses_a[:, 2])))
-    return np.stack([c * dx + s * dy, -s * dx + c * dy, dth], axis=1)
-
-
 def relation_errors(
     stamps: np.ndarray, poses: np.ndarray, relations: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -373,10 +360,10 @@ def relation_errors(
     bad = (i1 < 0) | (i2 < 0)
     if np.any(bad):
         raise ValueError(f"{int(bad.sum())} relation stamps match no scan stamp")
-    est = relative_poses(poses[i1], poses[i2])
+    est = between(poses[i1], poses[i2])
     # The norm of the translational part of δ_true⁻¹ ⊕ δ_est equals |t_est − t_true|.
     trans = np.hypot(est[:, 0] - relations[:, 2], est[:, 1] - relations[:, 3])
-    rot = np.abs(np.angle(np.exp(1j * (est[:, 2] - relations[:, 4]))))
+    rot = np.abs(wrap(est[:, 2] - relations[:, 4]))
     return trans, np.degrees(rot)
 
 
