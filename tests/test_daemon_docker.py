@@ -114,6 +114,12 @@ class Daemon:
         self.recent_run = recorded_run(
             tmp / "run-an-hour-ago", 5, start=now - dt.timedelta(hours=1), ended=True
         )
+        # An expired run the file system will not let go: an immutable run.db refuses even
+        # root's unlink, as a read-only disk or a foreign owner's folder would.
+        self.locked_run = recorded_run(
+            tmp / "run-40-hours-ago-locked", 5, start=now - dt.timedelta(hours=40), ended=True
+        )
+        self.locked = _immutable(self.locked_run / "run.db", True)
         self.log = (tmp / "daemon.log").open("w")
         self.proc = subprocess.Popen(
             [
@@ -168,6 +174,18 @@ class Daemon:
     def logs(self) -> str:
         return (self.dir / "daemon.log").read_text()
 
+    def log_entries(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.logs().splitlines() if line.startswith("{")]
+
+
+def _immutable(path: Path, on: bool) -> bool:
+    """Set or clear the file's immutable attribute (`chattr`); False where the file system
+    has none (tmpfs, overlay)."""
+    flag = "+i" if on else "-i"
+    if shutil.which("chattr") is None:
+        return False
+    return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
@@ -181,6 +199,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         yield d
     finally:
         code = d.stop()
+        if d.locked:
+            _immutable(d.locked_run / "run.db", False)
         print("\n--- daemon log (tail) ---\n" + "\n".join(d.logs().splitlines()[-15:]))
         assert code == 0, "SIGTERM ends the daemon with status 0"
         assert not containers_of(run_id), "SIGTERM leaves no container behind"
@@ -197,11 +217,34 @@ def test_the_window_removes_the_run_folders_of_earlier_starts(daemon: Daemon) ->
     until("the expired run folder removed", lambda: not daemon.expired_run.exists(), 30)
     assert (daemon.recent_run / "run.db").is_file()
     assert (daemon.out / "run.db").is_file()
-    logs = [json.loads(line) for line in daemon.logs().splitlines() if line.startswith("{")]
     assert any(
         "removed run folder" in entry["msg"] and "run-30-hours-ago" in entry["msg"]
-        for entry in logs
+        for entry in daemon.log_entries()
     ), "the daemon says which folder it removed"
+
+
+def test_a_run_folder_that_cannot_be_removed_is_named_and_the_daemon_goes_on(
+    daemon: Daemon,
+) -> None:
+    if not daemon.locked:
+        pytest.skip("this file system has no immutable attribute (chattr +i) to refuse removal")
+
+    def warned() -> list[dict[str, Any]]:
+        return [
+            entry
+            for entry in daemon.log_entries()
+            if entry["msg"].startswith("cannot remove the run in")
+            and "run-40-hours-ago-locked" in entry["msg"]
+        ]
+
+    until("a warning naming the folder that cannot go", warned, 30)
+    (entry,) = warned()
+    assert entry["level"] == "warning"
+    assert "outside the 24 h window" in entry["msg"]
+    assert "trying again in 10 minutes" in entry["msg"]
+    assert (daemon.locked_run / "run.db").is_file(), "nothing is lost by a failed removal"
+    assert not any("supervision failed" in e["msg"] for e in daemon.log_entries())
+    assert daemon.running(), "the daemon goes on supervising"
 
 
 def test_status_over_the_socket(daemon: Daemon) -> None:
