@@ -99,7 +99,7 @@ def until(what: str, check: Callable[[], Any], timeout_s: float = 120) -> Any:
 
 
 class Daemon:
-    def __init__(self, tmp: Path, data: Path) -> None:
+    def __init__(self, tmp: Path, data: Path, *, locked_run: bool = False) -> None:
         self.dir = tmp
         tmp.chmod(0o755)  # only the socket's own mode may keep other users out
         self.config = tmp / "robot.yaml"
@@ -114,12 +114,15 @@ class Daemon:
         self.recent_run = recorded_run(
             tmp / "run-an-hour-ago", 5, start=now - dt.timedelta(hours=1), ended=True
         )
-        # An expired run the file system will not let go: an immutable run.db refuses even
-        # root's unlink, as a read-only disk or a foreign owner's folder would.
-        self.locked_run = recorded_run(
-            tmp / "run-40-hours-ago-locked", 5, start=now - dt.timedelta(hours=40), ended=True
-        )
-        self.locked = _immutable(self.locked_run / "run.db", True)
+        # With `locked_run`, an expired run the file system will not let go: an immutable
+        # run.db refuses even root's unlink, as a read-only disk would. None where the file
+        # system has no such attribute; stop() makes it removable again.
+        self.locked_run: Path | None = None
+        if locked_run:
+            folder = recorded_run(
+                tmp / "run-40-hours-ago-locked", 5, start=now - dt.timedelta(hours=40), ended=True
+            )
+            self.locked_run = folder if _immutable(folder / "run.db", True) else None
         self.log = (tmp / "daemon.log").open("w")
         self.proc = subprocess.Popen(
             [
@@ -169,6 +172,8 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        if self.locked_run is not None:
+            _immutable(self.locked_run / "run.db", False)
         return self.proc.returncode
 
     def logs(self) -> str:
@@ -192,15 +197,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     require_image("ctxrobot/signs")
     require_image("ctxrobot/speech")
     data = require_data()
-    d = Daemon(tmp_path_factory.mktemp("daemon"), data)
+    d = Daemon(tmp_path_factory.mktemp("daemon"), data, locked_run=True)
     try:
         until("both tasks running with samples", d.running, 180)
         run_id = d.call("ps")[0]["run"]
         yield d
     finally:
         code = d.stop()
-        if d.locked:
-            _immutable(d.locked_run / "run.db", False)
         print("\n--- daemon log (tail) ---\n" + "\n".join(d.logs().splitlines()[-15:]))
         assert code == 0, "SIGTERM ends the daemon with status 0"
         assert not containers_of(run_id), "SIGTERM leaves no container behind"
@@ -226,7 +229,8 @@ def test_the_window_removes_the_run_folders_of_earlier_starts(daemon: Daemon) ->
 def test_a_run_folder_that_cannot_be_removed_is_named_and_the_daemon_goes_on(
     daemon: Daemon,
 ) -> None:
-    if not daemon.locked:
+    locked_run = daemon.locked_run
+    if locked_run is None:
         pytest.skip("this file system has no immutable attribute (chattr +i) to refuse removal")
 
     def warned() -> list[dict[str, Any]]:
@@ -234,7 +238,7 @@ def test_a_run_folder_that_cannot_be_removed_is_named_and_the_daemon_goes_on(
             entry
             for entry in daemon.log_entries()
             if entry["msg"].startswith("cannot remove the run in")
-            and "run-40-hours-ago-locked" in entry["msg"]
+            and locked_run.name in entry["msg"]
         ]
 
     until("a warning naming the folder that cannot go", warned, 30)
@@ -242,7 +246,7 @@ def test_a_run_folder_that_cannot_be_removed_is_named_and_the_daemon_goes_on(
     assert entry["level"] == "warning"
     assert "outside the 24 h window" in entry["msg"]
     assert "trying again in 10 minutes" in entry["msg"]
-    assert (daemon.locked_run / "run.db").is_file(), "nothing is lost by a failed removal"
+    assert (locked_run / "run.db").is_file(), "nothing is lost by a failed removal"
     assert not any("supervision failed" in e["msg"] for e in daemon.log_entries())
     assert daemon.running(), "the daemon goes on supervising"
 
