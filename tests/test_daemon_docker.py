@@ -258,8 +258,9 @@ def test_status_over_the_socket(daemon: Daemon) -> None:
     for task in status["tasks"].values():
         assert task["latency_ms"]["p50"] is not None
     assert oct(daemon.socket.stat().st_mode & 0o777) == "0o660"
-    logs = [json.loads(line) for line in daemon.logs().splitlines() if line.startswith("{")]
-    assert any("daemon ready" in entry["msg"] for entry in logs), "structured log lines"
+    assert any("daemon ready" in entry["msg"] for entry in daemon.log_entries()), (
+        "structured log lines"
+    )
 
 
 def test_prometheus_metrics_of_the_live_daemon(daemon: Daemon) -> None:
