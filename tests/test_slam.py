@@ -11,6 +11,7 @@ printed (`pytest -s`), never asserted: the 2-core test machine is shared.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -832,7 +833,11 @@ def evaluated(request: pytest.FixtureRequest) -> Evaluated:
     }
     jobs: dict[str, Callable[[int], subprocess.CompletedProcess[str]]] = {}
     for name, scans in sorted(PREFIX_SCANS.items(), key=lambda item: -item[1]):
-        if (test_accuracy_targets_on_the_start_of_each_log.__name__, name) in selected:
+        readers = (
+            test_accuracy_targets_on_the_start_of_each_log.__name__,
+            test_the_error_by_relation_span_adds_up_with_the_raw_odometry_beside_it.__name__,
+        )
+        if any((reader, name) in selected for reader in readers):
             jobs[name] = _evaluation(require_data(f"slam/{name}"), scans)
     wide = test_a_half_degree_scanner_of_361_or_360_beams.__name__
     beam_counts = [beams for beams in WIDE_BEAMS if (wide, beams) in selected]
@@ -876,6 +881,46 @@ def test_accuracy_targets_on_the_start_of_each_log(name: str, evaluated: Evaluat
     assert lo <= m["trans_error_m"] <= hi
     assert m["trans_error_m"] <= TRANS_TARGET_M
     assert m["rot_error_deg"] <= ROT_TARGET_DEG
+
+
+@pytest.mark.parametrize("name", ["fr-clinic"])
+def test_the_error_by_relation_span_adds_up_with_the_raw_odometry_beside_it(
+    name: str, evaluated: Evaluated
+) -> None:
+    """`slam.evaluate` breaks the error down by relation span, as docs/slam.md reads every
+    round: each relation lands in one bin, the bins' shares add up to the mean, and the
+    odometry column is the log's raw odometry scored on that bin's relations."""
+    m = _metrics(evaluated, name)
+    rows = m["by_span"]
+    print(f"\n{name}, first {m['scans']} scans, by span: {json.dumps(rows)}")
+    assert len(rows) >= 2, "fr-clinic's start holds relations of several spans"
+    assert sum(row["relations"] for row in rows) == m["relations"]
+    assert sum(row["share_of_mean_m"] for row in rows) == pytest.approx(m["trans_error_m"])
+    ds = load_laser_dataset(require_data(f"slam/{name}"))
+    stamps = ds.stamps[: m["scans"]]
+    assert ds.relations is not None
+    inside = (ds.relations[:, :2] >= stamps[0]).all(axis=1)
+    relations = ds.relations[inside & (ds.relations[:, :2] <= stamps[-1]).all(axis=1)]
+    spans = relations[:, 1] - relations[:, 0]
+    for row in rows:
+        low, high = row["span_s"]
+        pick = (spans >= low) & (spans < (math.inf if high is None else high))
+        assert int(pick.sum()) == row["relations"], row
+        assert row["share_of_mean_m"] == pytest.approx(
+            row["trans_error_m"] * row["relations"] / m["relations"]
+        )
+        trans, rot = score_relations(stamps, ds.odom_at_scans[: m["scans"]], relations[pick])
+        assert row["odometry_trans_error_m"] == pytest.approx(trans), row
+        assert row["odometry_rot_error_deg"] == pytest.approx(rot), row
+
+
+def test_a_log_without_odometry_has_no_odometry_column_by_span() -> None:
+    ds = load_laser_dataset(require_data("slam/intel"))
+    blind = dataclasses.replace(ds, odom_at_scans=np.full_like(ds.odom_at_scans, np.nan))
+    rows = evaluate(blind, max_scans=400).metrics["by_span"]
+    assert rows
+    for row in rows:
+        assert row["odometry_trans_error_m"] is None and row["odometry_rot_error_deg"] is None
 
 
 @pytest.mark.parametrize("log", ["mit-killian"])

@@ -81,14 +81,21 @@ def evaluate(
     return Evaluation(poses, summary, metrics)
 
 
+#: Relation spans the error is broken down by, s: under 30 s the front end alone decides the
+#: error (is it better than the robot's odometry?), over 300 s the loop closures do.
+SPAN_EDGES_S = (0.0, 3.0, 30.0, 100.0, 300.0)
+
+
 def _accuracy(dataset: LaserDataset, stamps: np.ndarray, poses: np.ndarray) -> dict[str, Any]:
-    """Mean Freiburg errors over the relations inside the scans, with 95 % bootstrap intervals."""
+    """Mean Freiburg errors over the relations inside the scans, with 95 % bootstrap intervals,
+    and the same by relation span beside the raw odometry's."""
     none: dict[str, Any] = {
         "trans_error_m": None,
         "rot_error_deg": None,
         "trans_error_ci95_m": None,
         "rot_error_ci95_deg": None,
         "relations": 0,
+        "by_span": [],
     }
     if dataset.relations is None or len(stamps) < 2:
         return none
@@ -97,6 +104,7 @@ def _accuracy(dataset: LaserDataset, stamps: np.ndarray, poses: np.ndarray) -> d
     if not inside.any():
         return none
     trans, rot = relation_errors(stamps, poses, rel[inside])
+    odometry = dataset.odom_at_scans[: len(stamps)]
     index = list(range(len(trans)))
     return {
         "trans_error_m": float(trans.mean()),
@@ -104,7 +112,41 @@ def _accuracy(dataset: LaserDataset, stamps: np.ndarray, poses: np.ndarray) -> d
         "trans_error_ci95_m": list(bootstrap_ci(index, lambda pick: trans[pick].mean())),
         "rot_error_ci95_deg": list(bootstrap_ci(index, lambda pick: rot[pick].mean())),
         "relations": len(trans),
+        "by_span": _by_span(
+            rel[inside], (trans, rot), relation_errors(stamps, odometry, rel[inside])
+        ),
     }
+
+
+def _by_span(
+    relations: np.ndarray,
+    errors: tuple[np.ndarray, np.ndarray],
+    odometry_errors: tuple[np.ndarray, np.ndarray],
+) -> list[dict[str, Any]]:
+    """Per span bin that holds relations: their mean errors, their share of the overall mean
+    translation error, and the raw odometry's mean errors on the same relations (None for a log
+    without odometry)."""
+    trans, rot = errors
+    odo_trans, odo_rot = odometry_errors
+    bins = np.digitize(np.abs(relations[:, 1] - relations[:, 0]), SPAN_EDGES_S[1:])
+    rows = []
+    for b, low in enumerate(SPAN_EDGES_S):
+        pick = bins == b
+        if not pick.any():
+            continue
+        has_odometry = bool(np.isfinite(odo_trans[pick]).all())
+        rows.append(
+            {
+                "span_s": [low, SPAN_EDGES_S[b + 1] if b + 1 < len(SPAN_EDGES_S) else None],
+                "relations": int(pick.sum()),
+                "trans_error_m": float(trans[pick].mean()),
+                "rot_error_deg": float(rot[pick].mean()),
+                "share_of_mean_m": float(trans[pick].sum() / len(trans)),
+                "odometry_trans_error_m": float(odo_trans[pick].mean()) if has_odometry else None,
+                "odometry_rot_error_deg": float(odo_rot[pick].mean()) if has_odometry else None,
+            }
+        )
+    return rows
 
 
 def _setting(text: str) -> tuple[str, Any]:
@@ -170,6 +212,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['rot_error_deg']:.3f} deg [{r_lo:.3f}, {r_hi:.3f}] "
             f"mean error over {m['relations']} relations"
         )
+        print(
+            f"  {'by span':<16} {'relations':>9}  {'error':<20}  {'of the mean':<11}  raw odometry"
+        )
+        for row in m["by_span"]:
+            low, high = row["span_s"]
+            span = f"{low:g}-{high:g} s" if high is not None else f">= {low:g} s"
+            error = f"{row['trans_error_m']:.4f} m, {row['rot_error_deg']:.3f} deg"
+            odometry = (
+                f"{row['odometry_trans_error_m']:.4f} m, {row['odometry_rot_error_deg']:.3f} deg"
+                if row["odometry_trans_error_m"] is not None
+                else "n/a"
+            )
+            share = f"{row['share_of_mean_m']:.4f} m"
+            print(f"  {span:<16} {row['relations']:>9}  {error:<20}  {share:<11}  {odometry}")
     rtf = m["realtime_factor"]
     print(
         f"speed            {m['cpu_s']:.1f} s CPU, {m['wall_s']:.1f} s wall, realtime factor "
