@@ -56,6 +56,7 @@ def test_eval_of_a_folder_in_no_known_layout(tmp_path: Path) -> None:
     proc = ctxrobot("eval", "signs", str(tmp_path), timeout=300)
     assert proc.returncode == 2
     assert "images/" in proc.stderr or "Images/" in proc.stderr
+    assert tmp_path.name in proc.stderr, "the error names the user's folder"
 
 
 def test_run_scored_in_the_loop(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """`ctxrobot eval`: a task's evaluator, run inside the task's own container.
 
-The container sees the dataset read-only at /dataset and the data root (models, cascades)
-read-only at /data, has no network, and is pinned to one CPU, so the speed it reports is
-what one core of the robot gives that task alone.
+The container sees the dataset read-only at /dataset/<its folder's name> and the data root
+(models, cascades) read-only at /data, has no network, and is pinned to one CPU, so the speed
+it reports is what one core of the robot gives that task alone.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ctxrobot.actuate.docker import BindMount, ContainerError, ContainerSpec, DockerBackend
 from ctxtask.datasets import data_dir
@@ -47,7 +47,7 @@ def evaluate_in_container(
     extra: Sequence[str] = (),
     cpu: int | None = None,
 ) -> int:
-    """Run `python -m <task>.evaluate /dataset` in the task image; stream its output.
+    """Run `python -m <task>.evaluate /dataset/<name>` in the task image; stream its output.
 
     Returns the evaluator's exit status.
     """
@@ -57,10 +57,13 @@ def evaluate_in_container(
     _check_readable_by_task_user(dataset)
     image = IMAGES[task]
     root = data_dir()
-    mounts = [BindMount(dataset, "/dataset", read_only=True)]
+    # Under its own name, so that what the evaluator prints (the log's name, what is wrong with
+    # the folder) names the user's folder, not a mount point every dataset shares.
+    inside = str(PurePosixPath("/dataset") / (dataset.name or "root"))
+    mounts = [BindMount(dataset, inside, read_only=True)]
     if root.is_dir():
         mounts.append(BindMount(root, "/data", read_only=True))
-    command = ["python", "-m", f"{task}.evaluate", "/dataset", *(["--json"] if json_output else [])]
+    command = ["python", "-m", f"{task}.evaluate", inside, *(["--json"] if json_output else [])]
     command += list(extra)
     cpus = os.sched_getaffinity(0)
     if cpu is None:
