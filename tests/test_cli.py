@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import cv2
 import pytest
 
-from tests.conftest import REPO, ctxrobot, require_data
+from tests.conftest import REPO, ctxrobot, require_data, require_image
 
 COMMANDS = [
     "validate",
@@ -130,6 +132,36 @@ def test_a_non_yaml_file_is_described_briefly(tmp_path: Path) -> None:
     proc = ctxrobot("validate", str(text))
     assert proc.returncode == 2
     assert "must be a mapping" in proc.stderr and len(proc.stderr) < 300
+
+
+def test_eval_refuses_a_map_path_meant_for_inside_the_container() -> None:
+    proc = ctxrobot("eval", "slam", str(require_data("slam/aces")), "--", "--map-out", "/maps")
+    assert proc.returncode == 2
+    assert "--map-out after -- would write the map inside the container" in proc.stderr
+
+
+def test_eval_refuses_a_map_from_a_task_that_draws_none(tmp_path: Path) -> None:
+    proc = ctxrobot("eval", "signs", str(require_data("signs")), "--map-out", str(tmp_path))
+    assert proc.returncode == 2
+    assert "only the slam evaluator writes a map" in proc.stderr
+
+
+@pytest.mark.docker
+def test_eval_writes_the_slam_map_into_the_callers_folder(tmp_path: Path) -> None:
+    """The evaluator runs as the image's unprivileged user in a container that is removed
+    afterwards: the map must still reach the caller's folder, as the caller's files."""
+    require_image("ctxrobot/slam")
+    out = tmp_path / "maps" / "aces"
+    aces = str(require_data("slam/aces"))
+    proc = ctxrobot("eval", "slam", aces, "--map-out", str(out), "--", "--max-scans", "300")
+    assert proc.returncode == 0, proc.stderr
+    assert f"map written to {out} (map.png, map.yaml)" in proc.stderr
+    assert sorted(path.name for path in out.iterdir()) == ["map.png", "map.yaml"]
+    assert {path.stat().st_uid for path in out.iterdir()} == {os.geteuid()}
+    assert "image: map.png" in (out / "map.yaml").read_text()
+    grid = cv2.imread(str(out / "map.png"), cv2.IMREAD_GRAYSCALE)
+    # map_server's trinary image: 0 occupied, 254 free, 205 unknown.
+    assert grid is not None and (grid == 0).any() and (grid == 254).any(), "walls and free space"
 
 
 def test_eval_on_a_cpu_it_may_not_use() -> None:

@@ -93,7 +93,8 @@ class BindMount:
 
 
 #: The unprivileged user every task image runs as; the host gives it the task sockets.
-TASK_USER = "10001:10001"
+TASK_UID = 10001
+TASK_USER = f"{TASK_UID}:{TASK_UID}"
 #: Enough for Python, OpenBLAS/OpenCV threads and docker-init on a 4-core Pi, not a fork bomb.
 DEFAULT_PIDS_LIMIT = 256
 #: The one writable place under a read-only root. tmpfs pages count against the container's

@@ -237,7 +237,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         return evaluate_in_container(
-            args.task, Path(args.dataset), json_output=args.json, extra=args.extra, cpu=args.cpu
+            args.task,
+            args.dataset,
+            json_output=args.json,
+            extra=args.extra,
+            cpu=args.cpu,
+            map_out=args.map_out,
         )
     except EvalError as err:
         print(f"ctxrobot eval: {err}", file=sys.stderr)
@@ -471,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
         "command` or `ctxrobot eval slam DIR -- --max-scans 500`.",
     )
     p.add_argument("task", choices=["slam", "signs", "speech"])
-    p.add_argument("dataset", metavar="DATASET_DIR")
+    p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
     p.add_argument("--json", action="store_true", help="last line: one JSON object of metrics")
     p.add_argument(
         "--cpu",
@@ -480,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the CPU to pin the evaluation to (default: 1, away from cpu 0's interrupts; "
         "cpu 0 on a one-CPU machine); two evaluations on two CPUs do not disturb each other",
     )
+    p.add_argument("--map-out", type=Path, metavar="DIR", help="slam: write the map to DIR")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

@@ -2,18 +2,27 @@
 
 The container sees the dataset read-only at /dataset/<its folder's name> and the data root
 (models, cascades) read-only at /data, has no network, and is pinned to one CPU, so the speed
-it reports is what one core of the robot gives that task alone.
+it reports is what one core of the robot gives that task alone. What the evaluator writes
+(the SLAM map) goes to a folder of the container's own and is copied out to the caller's.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from ctxrobot.actuate.docker import BindMount, ContainerError, ContainerSpec, DockerBackend
+from ctxrobot.actuate.docker import (
+    TASK_UID,
+    BindMount,
+    ContainerError,
+    ContainerSpec,
+    DockerBackend,
+)
 from ctxtask.datasets import data_dir
 
 IMAGES = {"slam": "ctxrobot/slam", "signs": "ctxrobot/signs", "speech": "ctxrobot/speech"}
@@ -39,6 +48,31 @@ def _check_readable_by_task_user(dataset: Path) -> None:
         )
 
 
+def _map_folder(task: str, map_out: Path) -> Path:
+    """The caller's folder for the map, made if missing; refused where no map can go."""
+    if task != "slam":
+        raise EvalError(f"--map-out: only the slam evaluator writes a map, not the {task} one")
+    map_out = map_out.expanduser().resolve()
+    try:
+        map_out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EvalError(
+            f"--map-out {map_out}: {err.strerror}; give a folder you can write"
+        ) from err
+    if not os.access(map_out, os.W_OK | os.X_OK):
+        raise EvalError(f"--map-out {map_out}: not writable; give a folder you can write")
+    return map_out
+
+
+def _refuse_paths_inside(extra: Sequence[str]) -> None:
+    """An evaluator path option after -- names a path inside the container, lost with it."""
+    if any(arg.split("=", 1)[0] == "--map-out" for arg in extra):
+        raise EvalError(
+            "--map-out after -- would write the map inside the container, where it is lost; "
+            "give it before --: ctxrobot eval slam DATASET_DIR --map-out DIR"
+        )
+
+
 def evaluate_in_container(
     task: str,
     dataset: Path,
@@ -46,8 +80,10 @@ def evaluate_in_container(
     json_output: bool,
     extra: Sequence[str] = (),
     cpu: int | None = None,
+    map_out: Path | None = None,
 ) -> int:
     """Run `python -m <task>.evaluate /dataset/<name>` in the task image; stream its output.
+    With ``map_out``, the SLAM map (map.png, map.yaml) ends up in that folder of the caller's.
 
     Returns the evaluator's exit status.
     """
@@ -55,6 +91,14 @@ def evaluate_in_container(
     if not dataset.is_dir():
         raise EvalError(f"{dataset}: not a folder")
     _check_readable_by_task_user(dataset)
+    _refuse_paths_inside(extra)
+    cpus = os.sched_getaffinity(0)
+    if cpu is None:
+        cpu = EVAL_CPU if EVAL_CPU in cpus else min(cpus)
+    elif cpu not in cpus:
+        raise EvalError(f"--cpu {cpu}: not a CPU this process may use ({sorted(cpus)})")
+    if map_out is not None:
+        map_out = _map_folder(task, map_out)
     image = IMAGES[task]
     root = data_dir()
     # Under its own name, so that what the evaluator prints (the log's name, what is wrong with
@@ -65,12 +109,18 @@ def evaluate_in_container(
         mounts.append(BindMount(root, "/data", read_only=True))
     command = ["python", "-m", f"{task}.evaluate", inside, *(["--json"] if json_output else [])]
     command += list(extra)
-    cpus = os.sched_getaffinity(0)
-    if cpu is None:
-        cpu = EVAL_CPU if EVAL_CPU in cpus else min(cpus)
-    elif cpu not in cpus:
-        raise EvalError(f"--cpu {cpu}: not a CPU this process may use ({sorted(cpus)})")
     backend = DockerBackend()
+    staging: Path | None = None
+    if map_out is not None:
+        # The evaluator runs as the image's unprivileged user: it writes into a folder of its
+        # own, and the files are copied to the caller's folder as the caller afterwards.
+        staging = Path(tempfile.mkdtemp(prefix="ctxrobot-eval-map-"))
+        if os.geteuid() == 0:
+            os.chown(staging, TASK_UID, TASK_UID)
+        else:
+            staging.chmod(0o777)
+        mounts.append(BindMount(staging, "/map", read_only=False))
+        command += ["--map-out", "/map"]
     name = f"ctxrobot-eval-{task}-{os.getpid()}-{int(time.time())}"
     spec = ContainerSpec(
         name=name,
@@ -83,16 +133,37 @@ def evaluate_in_container(
         cpuset_cpus=str(cpu),
     )
     try:
-        container = backend.create_and_start(spec)
-    except ContainerError as err:
-        raise EvalError(str(err)) from err
-    try:
-        for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=False):
-            sys.stdout.write(chunk.decode(errors="replace"))
-        sys.stdout.flush()
-        status = int(container.wait()["StatusCode"])
-        if status != 0:
-            sys.stderr.write(container.logs(stdout=False, stderr=True).decode(errors="replace"))
+        try:
+            container = backend.create_and_start(spec)
+        except ContainerError as err:
+            raise EvalError(str(err)) from err
+        try:
+            for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=False):
+                sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+            status = int(container.wait()["StatusCode"])
+            if status != 0:
+                sys.stderr.write(container.logs(stdout=False, stderr=True).decode(errors="replace"))
+        finally:
+            backend.remove(name)
+        if staging is not None and map_out is not None and status == 0:
+            _copy_map(staging, map_out)
         return status
     finally:
-        backend.remove(name)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _copy_map(staging: Path, map_out: Path) -> None:
+    written = sorted(staging.iterdir())
+    if not written:
+        # The evaluator writes no map without a keyframe (e.g. every beam saw "no return").
+        print("ctxrobot eval: no map was written (no keyframe)", file=sys.stderr)
+        return
+    try:
+        for path in written:
+            shutil.copyfile(path, map_out / path.name)
+    except OSError as err:
+        raise EvalError(f"--map-out {map_out}: {err.strerror}") from err
+    names = ", ".join(path.name for path in written)
+    print(f"ctxrobot eval: map written to {map_out} ({names})", file=sys.stderr)

@@ -22,7 +22,7 @@ from typing import Any
 
 from ctxrobot.actuate.actuator import Actuator
 from ctxrobot.actuate.cgroups import CgroupError, CpuController, ParentCgroup
-from ctxrobot.actuate.docker import BindMount, ContainerSpec, DockerBackend, Security
+from ctxrobot.actuate.docker import TASK_UID, BindMount, ContainerSpec, DockerBackend, Security
 from ctxrobot.manifest.schema import Manifest, TaskSpec
 from ctxrobot.model.allocation import Machine
 from ctxrobot.model.bus import EventBus
@@ -53,7 +53,6 @@ from ctxtask.protocol import ConnectionClosed
 log = logging.getLogger(__name__)
 
 GIL_SWITCH_INTERVAL_S = float(os.environ.get("CTXROBOT_GIL_SWITCH_S", "0.0005"))
-TASK_UID = 10001  # the unprivileged user every task image runs as
 CONTAINER_SOCKET_DIR = "/run/ctxrobot"
 CONTAINER_DATA_DIR = "/data"
 #: How long the take-down waits for a Docker engine that does not answer before it leaves
