@@ -8,6 +8,7 @@ asserted (this is a shared 2-core machine).
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -57,6 +58,30 @@ def test_eval_of_a_folder_in_no_known_layout(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "images/" in proc.stderr or "Images/" in proc.stderr
     assert tmp_path.name in proc.stderr, "the error names the user's folder"
+
+
+def test_eval_mounts_a_folder_of_the_host_named_after_the_double_dash(tmp_path: Path) -> None:
+    """`-- --models DIR` names a folder of the host: the evaluator in its container reads it
+    under /host, read-only (the container sees nothing else of the host)."""
+    require_image(IMAGE)
+    signs = require_data("signs")
+    models = tmp_path / "my-models"
+    for part in ("cascades", "classifier-tflite"):
+        shutil.copytree(signs / part, models / part)
+    subprocess.run(["chmod", "-R", "o+rX", str(tmp_path)], check=True)
+    crops = str(signs / "gtsrb-test-subset")
+
+    def evaluate() -> subprocess.CompletedProcess[str]:
+        return ctxrobot("eval", "signs", crops, "--json", "--", "--models", str(models))
+
+    proc = evaluate()
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert last_json(proc.stdout)["accuracy"] >= 0.95
+    # It read the copy, not the data root's models: without the copy's labels it stops.
+    (models / "classifier-tflite" / "labels.csv").unlink()
+    proc = evaluate()
+    assert proc.returncode != 0
+    assert f"/host{models}/classifier-tflite/labels.csv" in proc.stderr
 
 
 def test_run_scored_in_the_loop(tmp_path: Path) -> None:

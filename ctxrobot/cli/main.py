@@ -468,12 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="run a task's evaluator in its container on a dataset folder",
-        description="Run TASK's evaluator inside its container, on DATASET mounted "
-        "read-only, pinned to one CPU, and print its metrics. Layouts: slam = "
-        "*_laser.txt.gz + *_odom.txt + laser.yaml [+ *.relations]; signs = images/ + "
-        "annotations/ (VOC) and/or Images/ + GT-*.csv; speech = audio/*.wav + transcripts.tsv. "
-        "Arguments after -- go to the evaluator, e.g. `ctxrobot eval speech DIR -- --mode "
-        "command` or `ctxrobot eval slam DIR -- --max-scans 500`.",
+        description="Run TASK's evaluator in its container, on DATASET mounted read-only, on "
+        "one CPU, and print its metrics. Layouts: slam = *_laser.txt.gz + *_odom.txt + "
+        "laser.yaml [+ *.relations]; signs = images/ + annotations/ (VOC) and/or Images/ + "
+        "GT-*.csv; speech = audio/*.wav + transcripts.tsv. Arguments after -- go to the evaluator "
+        "(`-- --max-scans 500`, `-- --mode command`); a host path among them (with a /) is "
+        "mounted read-only under /host for it (`-- --models ~/models`).",
     )
     p.add_argument("task", choices=["slam", "signs", "speech"])
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR")

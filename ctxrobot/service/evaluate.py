@@ -2,8 +2,10 @@
 
 The container sees the dataset read-only at /dataset/<its folder's name> and the data root
 (models, cascades) read-only at /data, has no network, and is pinned to one CPU, so the speed
-it reports is what one core of the robot gives that task alone. What the evaluator writes
-(the SLAM map) goes to a folder of the container's own and is copied out to the caller's.
+it reports is what one core of the robot gives that task alone. A file or folder of the host
+named in the evaluator's own arguments is mounted read-only under /host. What the evaluator
+writes (the SLAM map) goes to a folder of the container's own and is copied out to the
+caller's.
 """
 
 from __future__ import annotations
@@ -33,19 +35,39 @@ class EvalError(RuntimeError):
     """Bad arguments or an unusable environment (exit status 2)."""
 
 
-def _check_readable_by_task_user(dataset: Path) -> None:
+def _check_readable_by_task_user(path: Path) -> None:
     """The evaluator runs as the image's unprivileged user (uid 10001), not as the caller:
-    a folder only its owner can read would fail deep inside the container instead."""
+    a file or folder only its owner can read would fail deep inside the container instead."""
     unreadable = [
         p
-        for p in (dataset, *dataset.iterdir())
+        for p in (path, *(path.iterdir() if path.is_dir() else ()))
         if not (p.stat().st_mode & (0o005 if p.is_dir() else 0o004))
     ]
     if unreadable:
         raise EvalError(
             f"{unreadable[0]} is not readable by other users, and the task container runs "
-            f"as uid 10001; make the dataset readable: chmod -R o+rX {dataset}"
+            f"as uid {TASK_UID}; make it readable: chmod -R o+rX {path}"
         )
+
+
+def _mount_host_paths(extra: Sequence[str]) -> tuple[list[str], list[BindMount]]:
+    """The evaluator's arguments, those that name a file or folder of the host (a path with a
+    /, e.g. `--models ~/signs-models`) pointed at a read-only mount of it under /host: the
+    container sees nothing else of the host."""
+    args: list[str] = []
+    mounts: list[BindMount] = []
+    for arg in extra:
+        option, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        host = Path(value).expanduser()
+        if "/" not in value or not host.exists():
+            args.append(arg)
+            continue
+        host = host.resolve()
+        _check_readable_by_task_user(host)
+        inside = str(PurePosixPath("/host") / host.relative_to(host.anchor))
+        mounts.append(BindMount(host, inside, read_only=True))
+        args.append(f"{option}{equals}{inside}")
+    return args, mounts
 
 
 def _map_folder(task: str, map_out: Path) -> Path:
@@ -92,6 +114,7 @@ def evaluate_in_container(
         raise EvalError(f"{dataset}: not a folder")
     _check_readable_by_task_user(dataset)
     _refuse_paths_inside(extra)
+    extra, host_mounts = _mount_host_paths(extra)
     cpus = os.sched_getaffinity(0)
     if cpu is None:
         cpu = EVAL_CPU if EVAL_CPU in cpus else min(cpus)
@@ -107,6 +130,7 @@ def evaluate_in_container(
     mounts = [BindMount(dataset, inside, read_only=True)]
     if root.is_dir():
         mounts.append(BindMount(root, "/data", read_only=True))
+    mounts += host_mounts
     command = ["python", "-m", f"{task}.evaluate", inside, *(["--json"] if json_output else [])]
     command += list(extra)
     backend = DockerBackend()
@@ -133,25 +157,32 @@ def evaluate_in_container(
         cpuset_cpus=str(cpu),
     )
     try:
-        try:
-            container = backend.create_and_start(spec)
-        except ContainerError as err:
-            raise EvalError(str(err)) from err
-        try:
-            for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=False):
-                sys.stdout.write(chunk.decode(errors="replace"))
-            sys.stdout.flush()
-            status = int(container.wait()["StatusCode"])
-            if status != 0:
-                sys.stderr.write(container.logs(stdout=False, stderr=True).decode(errors="replace"))
-        finally:
-            backend.remove(name)
+        status = _run(backend, spec)
         if staging is not None and map_out is not None and status == 0:
             _copy_map(staging, map_out)
         return status
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _run(backend: DockerBackend, spec: ContainerSpec) -> int:
+    """Start the evaluator, stream its output, return its exit status; the container is
+    removed either way."""
+    try:
+        container = backend.create_and_start(spec)
+    except ContainerError as err:
+        raise EvalError(str(err)) from err
+    try:
+        for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=False):
+            sys.stdout.write(chunk.decode(errors="replace"))
+        sys.stdout.flush()
+        status = int(container.wait()["StatusCode"])
+        if status != 0:
+            sys.stderr.write(container.logs(stdout=False, stderr=True).decode(errors="replace"))
+        return status
+    finally:
+        backend.remove(spec.name)
 
 
 def _copy_map(staging: Path, map_out: Path) -> None:
