@@ -15,6 +15,7 @@ import dataclasses
 import gzip
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -483,6 +484,13 @@ def test_evaluate_cli_json_short_run(tmp_path: Path) -> None:
     assert metrics["scans"] == 400 and metrics["relations"] > 0
     assert metrics["trans_error_m"] < TRANS_TARGET_M
     assert (tmp_path / "map.png").is_file()
+    # The text report has a line per span bin, its relations in the second column.
+    table = proc.stdout.split("by span", 1)[1].split("speed", 1)[0].strip().splitlines()[1:]
+    counts = [re.match(r"\s*(?:[\d.]+-[\d.]+|>= [\d.]+) s\s+(\d+)\s", line) for line in table]
+    assert [int(m.group(1)) for m in counts if m] == [
+        row["relations"] for row in metrics["by_span"]
+    ]
+    assert len(counts) == len(metrics["by_span"])
 
 
 def test_evaluate_in_process_gives_one_pose_per_scan() -> None:
