@@ -65,7 +65,8 @@ def _mount_host_paths(extra: Sequence[str]) -> tuple[list[str], list[BindMount]]
         host = host.resolve()
         _check_readable_by_task_user(host)
         inside = str(PurePosixPath("/host") / host.relative_to(host.anchor))
-        mounts.append(BindMount(host, inside, read_only=True))
+        if all(mount.target != inside for mount in mounts):  # Docker refuses a target twice
+            mounts.append(BindMount(host, inside, read_only=True))
         args.append(f"{option}{equals}{inside}")
     return args, mounts
 
