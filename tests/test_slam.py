@@ -840,11 +840,11 @@ def evaluated(request: pytest.FixtureRequest) -> Evaluated:
         if item.module is request.module and hasattr(item, "callspec")
     }
     jobs: dict[str, Callable[[int], subprocess.CompletedProcess[str]]] = {}
+    readers = (
+        test_accuracy_targets_on_the_start_of_each_log.__name__,
+        test_the_error_by_relation_span_adds_up_with_the_raw_odometry_beside_it.__name__,
+    )
     for name, scans in sorted(PREFIX_SCANS.items(), key=lambda item: -item[1]):
-        readers = (
-            test_accuracy_targets_on_the_start_of_each_log.__name__,
-            test_the_error_by_relation_span_adds_up_with_the_raw_odometry_beside_it.__name__,
-        )
         if any((reader, name) in selected for reader in readers):
             jobs[name] = _evaluation(require_data(f"slam/{name}"), scans)
     wide = test_a_half_degree_scanner_of_361_or_360_beams.__name__

@@ -103,8 +103,9 @@ def _accuracy(dataset: LaserDataset, stamps: np.ndarray, poses: np.ndarray) -> d
     inside = (rel[:, :2] >= stamps[0]).all(axis=1) & (rel[:, :2] <= stamps[-1]).all(axis=1)
     if not inside.any():
         return none
-    trans, rot = relation_errors(stamps, poses, rel[inside])
-    odometry = dataset.odom_at_scans[: len(stamps)]
+    rel = rel[inside]
+    trans, rot = relation_errors(stamps, poses, rel)
+    odometry = relation_errors(stamps, dataset.odom_at_scans[: len(stamps)], rel)
     index = list(range(len(trans)))
     return {
         "trans_error_m": float(trans.mean()),
@@ -112,9 +113,7 @@ def _accuracy(dataset: LaserDataset, stamps: np.ndarray, poses: np.ndarray) -> d
         "trans_error_ci95_m": list(bootstrap_ci(index, lambda pick: trans[pick].mean())),
         "rot_error_ci95_deg": list(bootstrap_ci(index, lambda pick: rot[pick].mean())),
         "relations": len(trans),
-        "by_span": _by_span(
-            rel[inside], (trans, rot), relation_errors(stamps, odometry, rel[inside])
-        ),
+        "by_span": _by_span(rel, (trans, rot), odometry),
     }
 
 
