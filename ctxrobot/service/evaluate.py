@@ -135,15 +135,8 @@ def evaluate_in_container(
     command = ["python", "-m", f"{task}.evaluate", inside, *(["--json"] if json_output else [])]
     command += list(extra)
     backend = DockerBackend()
-    staging: Path | None = None
-    if map_out is not None:
-        # The evaluator runs as the image's unprivileged user: it writes into a folder of its
-        # own, and the files are copied to the caller's folder as the caller afterwards.
-        staging = Path(tempfile.mkdtemp(prefix="ctxrobot-eval-map-"))
-        if os.geteuid() == 0:
-            os.chown(staging, TASK_UID, TASK_UID)
-        else:
-            staging.chmod(0o777)
+    staging = _staging_folder() if map_out is not None else None
+    if staging is not None:
         mounts.append(BindMount(staging, "/map", read_only=False))
         command += ["--map-out", "/map"]
     name = f"ctxrobot-eval-{task}-{os.getpid()}-{int(time.time())}"
@@ -159,7 +152,7 @@ def evaluate_in_container(
     )
     try:
         status = _run(backend, spec)
-        if staging is not None and map_out is not None and status == 0:
+        if staging is not None and map_out is not None and status == 0:  # both, or neither
             _copy_map(staging, map_out)
         return status
     finally:
@@ -184,6 +177,17 @@ def _run(backend: DockerBackend, spec: ContainerSpec) -> int:
         return status
     finally:
         backend.remove(spec.name)
+
+
+def _staging_folder() -> Path:
+    """A folder the evaluator, running as the image's unprivileged user, may write; its files
+    are copied to the caller's folder, as the caller, afterwards."""
+    staging = Path(tempfile.mkdtemp(prefix="ctxrobot-eval-map-"))
+    if os.geteuid() == 0:
+        os.chown(staging, TASK_UID, TASK_UID)
+    else:
+        staging.chmod(0o777)
+    return staging
 
 
 def _copy_map(staging: Path, map_out: Path) -> None:
